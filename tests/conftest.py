@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny models are built once per test session, offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)  # two cores: tiny forwards are far slower under thread contention
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """`tiny(name)` returns the session's tiny random model `name` (see vlmexp.zoo.tiny.BUILDERS).
+
+    The same object is returned on every call: tests must not modify it (deep-copy first).
+    """
+    from vlmexp.zoo.tiny import build
+
+    cache: dict[str, torch.nn.Module] = {}
+
+    def get(name: str) -> torch.nn.Module:
+        if name not in cache:
+            cache[name] = build(name)
+        return cache[name]
+
+    return get

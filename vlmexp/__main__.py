@@ -1,0 +1,3 @@
+from vlmexp.cli import main
+
+raise SystemExit(main())

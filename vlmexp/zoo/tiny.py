@@ -1,0 +1,170 @@
+"""Tiny random instances of every supported architecture, built offline from config classes.
+
+They serve the tests (layout, checkpoint I/O, evaluation) and the benchmarks. Each builder is a
+plain function over literals; `build(name)` looks one up by its short name.
+
+Example:
+    >>> from vlmexp.zoo.tiny import build
+    >>> model = build("llava")
+    >>> type(model).__name__
+    'LlavaForConditionalGeneration'
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import transformers as tf
+
+VOCAB = 320  # special tokens for images live at the top of the vocabulary
+IMAGE_TOKEN = 300
+BOI_TOKEN = 301
+EOI_TOKEN = 302
+VISION_START = 303
+VISION_END = 304
+VIDEO_TOKEN = 305
+
+
+def _llama_text(**kw) -> dict:
+    return dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=0, **kw,
+    )
+
+
+def _clip_vision(**kw) -> dict:
+    return dict(
+        model_type="clip_vision_model", hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, image_size=32, patch_size=8, projection_dim=24, **kw,
+    )
+
+
+def llava() -> torch.nn.Module:
+    cfg = tf.LlavaConfig(
+        vision_config=_clip_vision(), text_config={"model_type": "llama", **_llama_text()},
+        image_token_index=IMAGE_TOKEN, image_seq_length=16, vision_feature_layer=-1,
+    )
+    return tf.LlavaForConditionalGeneration(cfg)
+
+
+def llava_next() -> torch.nn.Module:
+    cfg = tf.LlavaNextConfig(
+        vision_config=_clip_vision(), text_config={"model_type": "llama", **_llama_text()},
+        image_token_index=IMAGE_TOKEN, image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]],
+        vision_feature_layer=-1,
+    )
+    return tf.LlavaNextForConditionalGeneration(cfg)
+
+
+def _qwen_text(**kw) -> dict:
+    return dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, **kw,
+    )
+
+
+def qwen2_vl() -> torch.nn.Module:
+    cfg = tf.Qwen2VLConfig(
+        text_config=_qwen_text(),
+        vision_config=dict(depth=2, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2,
+                           patch_size=8, spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+    )
+    return tf.Qwen2VLForConditionalGeneration(cfg)
+
+
+def qwen2_5_vl() -> torch.nn.Module:
+    cfg = tf.Qwen2_5_VLConfig(
+        text_config=_qwen_text(),
+        vision_config=dict(depth=2, hidden_size=16, out_hidden_size=32, intermediate_size=32,
+                           num_heads=2, patch_size=8, spatial_merge_size=2, temporal_patch_size=2,
+                           window_size=32, fullatt_block_indexes=[1]),
+        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+    )
+    return tf.Qwen2_5_VLForConditionalGeneration(cfg)
+
+
+def idefics3() -> torch.nn.Module:
+    cfg = tf.Idefics3Config(
+        vision_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=32, patch_size=8),
+        text_config={"model_type": "llama", **_llama_text()},
+        image_token_id=IMAGE_TOKEN, scale_factor=2,
+    )
+    return tf.Idefics3ForConditionalGeneration(cfg)
+
+
+def paligemma() -> torch.nn.Module:
+    cfg = tf.PaliGemmaConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=24, intermediate_size=48,
+                           num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                           patch_size=8, projection_dim=32),
+        text_config=dict(model_type="gemma", vocab_size=VOCAB, hidden_size=32,
+                         intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=1, head_dim=8, pad_token_id=0),
+        image_token_index=IMAGE_TOKEN, vocab_size=VOCAB, projection_dim=32, hidden_size=32,
+    )
+    return tf.PaliGemmaForConditionalGeneration(cfg)
+
+
+def _gemma3_text(**kw) -> dict:
+    return dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=8, sliding_window=16,
+        max_position_embeddings=256, pad_token_id=0, **kw,
+    )
+
+
+def gemma3() -> torch.nn.Module:
+    cfg = tf.Gemma3Config(
+        text_config=_gemma3_text(),
+        vision_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=32, patch_size=8),
+        mm_tokens_per_image=4, boi_token_index=BOI_TOKEN, eoi_token_index=EOI_TOKEN,
+        image_token_index=IMAGE_TOKEN,
+    )
+    return tf.Gemma3ForConditionalGeneration(cfg)
+
+
+def llama() -> torch.nn.Module:
+    return tf.LlamaForCausalLM(tf.LlamaConfig(**_llama_text()))
+
+
+def qwen2() -> torch.nn.Module:
+    kw = _qwen_text()
+    kw["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+    return tf.Qwen2ForCausalLM(tf.Qwen2Config(**kw))
+
+
+def gemma3_text() -> torch.nn.Module:
+    return tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**_gemma3_text()))
+
+
+BUILDERS: dict[str, Callable[[], torch.nn.Module]] = {
+    "llava": llava,
+    "llava_next": llava_next,
+    "qwen2_vl": qwen2_vl,
+    "qwen2_5_vl": qwen2_5_vl,
+    "idefics3": idefics3,
+    "paligemma": paligemma,
+    "gemma3": gemma3,
+    "llama": llama,
+    "qwen2": qwen2,
+    "gemma3_text": gemma3_text,
+}
+VLMS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "paligemma", "gemma3")
+LLMS = ("llama", "qwen2", "gemma3_text")
+
+
+def build(name: str, seed: int = 0) -> torch.nn.Module:
+    """Build the tiny random model `name` (one of BUILDERS), deterministically for `seed`."""
+    if name not in BUILDERS:
+        raise KeyError(f"unknown tiny architecture {name!r}; known: {', '.join(BUILDERS)}")
+    torch.manual_seed(seed)
+    return BUILDERS[name]().eval()
