@@ -1,0 +1,204 @@
+"""MergeEngine: in-place apply, float64 reference, layouts, caching, determinism, digests, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from vlmexp.errors import MergeError, RecipeError
+from vlmexp.merge.engine import MergeEngine
+from vlmexp.merge.recipe import Recipe
+from vlmexp.zoo.tiny import build
+
+
+def perturbed(name: str, seed: int, scale: float = 0.02) -> torch.nn.Module:
+    model = build(name, seed=0)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+@pytest.fixture(scope="module")
+def family():
+    """A tiny LLaVA base, a fine-tuned relative, and a Llama with the LLaVA's text config."""
+    base = build("llava", seed=0)
+    vqa = perturbed("llava", 1)
+    llm = build("llama", seed=0)
+    # the text expert starts from the base's language model, then drifts
+    state = {k.replace("model.language_model.", "model."): v
+             for k, v in base.state_dict().items() if k.startswith("model.language_model.")}
+    state["lm_head.weight"] = base.state_dict()["lm_head.weight"]
+    llm.load_state_dict(state)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in llm.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.03)
+    return {"base": base, "vqa": vqa, "text": llm}
+
+
+@pytest.fixture()
+def engine(family):
+    return MergeEngine(copy.deepcopy(family["base"]),
+                       {"vqa": family["vqa"], "text": family["text"]}, progress=False)
+
+
+def recipe(method: str = "task_arithmetic", **over) -> Recipe:
+    data = {"method": method, "base": {"path": "base"},
+            "donors": [{"name": "vqa", "path": "vqa"}, {"name": "text", "path": "text"}]}
+    data.update(over)
+    return Recipe.from_dict(data)
+
+
+def test_task_arithmetic_matches_float64_reference_with_schedule_and_llm_donor(engine, family):
+    r = recipe(components={
+        "vision": {"vqa": {"weight": 0.8}},
+        "projector": {"vqa": {"weight": 1.2}},
+        "language": {"vqa": {"weight": [0.2, 0.6]}, "text": {"weight": 0.5}},
+        "head": {"text": {"weight": 1.0}},
+    }, parameters={"lambda": 0.9})
+    engine.apply(r)
+    base = {k: v.double() for k, v in family["base"].state_dict().items()}
+    vqa = {k: v.double() for k, v in family["vqa"].state_dict().items()}
+    text = {k: v.double() for k, v in family["text"].state_dict().items()}
+    live = dict(engine.model.named_parameters())
+
+    def expect(name: str) -> torch.Tensor:
+        b = base[name]
+        if name.startswith(("model.vision_tower.",)):
+            return b + 0.9 * 0.8 * (vqa[name] - b)
+        if name.startswith("model.multi_modal_projector."):
+            return b + 0.9 * 1.2 * (vqa[name] - b)
+        if name.startswith("model.language_model.layers.") or name == "model.language_model.norm.weight":
+            # two blocks: block 0 at depth 0, block 1 and the final norm at depth 1
+            w = 0.2 if ".layers.0." in name else 0.6
+            t = text[name.replace("model.language_model.", "model.")]
+            return b + 0.9 * (w * (vqa[name] - b) + 0.5 * (t - b))
+        if name == "lm_head.weight":
+            return b + 0.9 * (text["lm_head.weight"] - b)
+        return b  # embed: not in the recipe
+
+    for name, param in live.items():
+        ref = expect(name)
+        assert (param.double() - ref).abs().max().item() < 1e-6, name
+    # embeddings were left out: the base's exactly
+    assert torch.equal(live["model.language_model.embed_tokens.weight"],
+                       family["base"].state_dict()["model.language_model.embed_tokens.weight"])
+
+
+def test_apply_is_in_place_and_left_out_components_return_to_base(engine, family):
+    ptrs = {n: p.data_ptr() for n, p in engine.model.named_parameters()}
+    first = engine.apply(recipe(components={"language": {"vqa": {"weight": 1.0}}}))
+    assert first.merged > 0
+    assert {n: p.data_ptr() for n, p in engine.model.named_parameters()} == ptrs
+    second = engine.apply(recipe(components={"vision": {"vqa": {"weight": 1.0}}}))
+    base = family["base"].state_dict()
+    live = engine.model.state_dict()
+    lang = [k for k, i in engine.layout.params.items() if i.component == "language"]
+    assert all(torch.equal(live[k], base[k]) for k in lang)
+    # written = the vision tensors merged now + the language tensors given back
+    vision = [k for k in engine.layout.params if engine.layout.params[k].component == "vision"]
+    assert second.merged == len(vision)
+    assert second.written == len(vision) + len(lang)
+
+
+def test_take_copies_a_component_from_a_donor(engine, family):
+    engine.apply(recipe(take={"vision": "vqa"}))
+    live, vqa, base = (engine.model.state_dict(), family["vqa"].state_dict(),
+                       family["base"].state_dict())
+    for k in live:
+        if k.startswith("model.vision_tower."):
+            assert torch.allclose(live[k], vqa[k], atol=1e-7, rtol=0), k
+        else:
+            assert torch.equal(live[k], base[k]), k
+
+
+def test_same_recipe_same_digest_and_cached_masks(engine):
+    r = recipe("ties", components={"language": {"vqa": {"weight": 1.0, "density": 0.4},
+                                                "text": {"weight": 0.7, "density": 0.6}}})
+    a = engine.apply(r)
+    misses = engine.masks.misses
+    b = engine.apply(r)
+    assert a.weights_digest == b.weights_digest
+    assert engine.masks.misses == misses  # second apply computed no mask
+    assert engine.masks.hits >= misses
+    other = engine.apply(recipe("ties", components={
+        "language": {"vqa": {"weight": 1.0, "density": 0.5}, "text": {"weight": 0.7, "density": 0.6}}}))
+    assert other.weights_digest != a.weights_digest
+
+
+def test_random_methods_are_seeded_per_tensor(engine):
+    comps = {"language": {"vqa": {"weight": 1.0, "density": 0.5}}}
+    a = engine.apply(recipe("dare_linear", components=comps, seed=1)).weights_digest
+    b = engine.apply(recipe("dare_linear", components=comps, seed=1)).weights_digest
+    c = engine.apply(recipe("dare_linear", components=comps, seed=2)).weights_digest
+    assert a == b != c
+
+
+def test_digest_tracks_every_change(engine):
+    d0 = engine.weights_digest()
+    with torch.no_grad():
+        engine.model.model.language_model.norm.weight[3] += 1e-6
+    assert engine.weights_digest() != d0
+    engine.reset()
+    engine._dirty.add("model.language_model.norm.weight")
+    engine.reset()
+    assert engine.weights_digest() == d0
+
+
+def test_non_finite_result_names_the_tensor_and_resets(family):
+    bad = copy.deepcopy(family["vqa"])
+    with torch.no_grad():
+        bad.model.multi_modal_projector.linear_2.bias[0] = float("inf")
+    engine = MergeEngine(copy.deepcopy(family["base"]), {"vqa": bad}, progress=False)
+    before = engine.weights_digest()
+    r = Recipe.from_dict({"method": "task_arithmetic", "base": {"path": "b"},
+                          "donors": [{"name": "vqa", "path": "v"}],
+                          "components": {"vision": {"vqa": {"weight": 0.5}},
+                                         "projector": {"vqa": {"weight": 0.5}}}})
+    with pytest.raises(MergeError, match=r"model\.multi_modal_projector\.linear_2\.bias"):
+        engine.apply(r)
+    assert engine.weights_digest() == before
+
+
+def test_recipe_naming_an_unloaded_donor_or_wrong_digest_is_refused(engine, family):
+    r = Recipe.from_dict({"method": "task_arithmetic", "base": {"path": "b"},
+                          "donors": [{"name": "ocr", "path": "o"}],
+                          "components": {"vision": {"ocr": {"weight": 0.5}}}})
+    with pytest.raises(RecipeError, match="donor 'ocr' is not loaded"):
+        engine.apply(r)
+    pinned = engine.pin(recipe())
+    engine.check_digests(pinned)
+    data = pinned.to_dict()
+    data["donors"][0]["weights_sha256"] = "0" * 64
+    with pytest.raises(RecipeError, match="vqa .*does not match the loaded weights"):
+        engine.check_digests(Recipe.from_dict(data))
+
+
+def test_take_from_a_donor_without_that_component_is_refused(engine):
+    with pytest.raises(RecipeError, match="take.vision: donor 'text' has no vision parameters"):
+        engine.apply(recipe(take={"vision": "text"}))
+
+
+@pytest.mark.parametrize("method,comps,params", [
+    ("linear", {"language": {"vqa": {"weight": 0.6}, "text": {"weight": 0.3}}}, {"base_weight": 0.5}),
+    ("slerp", {"vision": {"vqa": {"t": 0.3}}, "language": {"text": {"t": [0.2, 0.8]}}}, {}),
+    ("breadcrumbs_ties", {"language": {"vqa": {"weight": 1.0, "density": 0.8, "gamma": 0.05},
+                                       "text": {"weight": 0.5, "density": 0.9}}}, {}),
+    ("model_stock", {"language": {"vqa": {}, "text": {}}}, {}),
+    ("della", {"language": {"vqa": {"weight": 1.0, "density": 0.6},
+                            "text": {"weight": 1.0, "density": 0.6}}}, {}),
+])
+def test_every_family_runs_through_the_engine_and_only_touches_its_components(
+        engine, family, method, comps, params):
+    result = engine.apply(recipe(method, components=comps, parameters=params))
+    live, base = engine.model.state_dict(), family["base"].state_dict()
+    touched = {engine.layout.params[n].component for n in engine.layout.params
+               if not torch.equal(live[n], base[n])}
+    assert touched and touched <= set(comps)
+    assert result.merged == sum(1 for n, i in engine.layout.params.items()
+                                if i.component in comps
+                                and any(n in engine.task_vectors[d] for d in comps[i.component]))

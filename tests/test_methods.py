@@ -1,0 +1,420 @@
+"""vlmexp.merge.methods and .sparsify against plain float64 references of the papers' formulas.
+
+The references below loop over entries on purpose: they share no code or trick with the
+implementation. Agreement with mergekit itself is in test_methods_mergekit.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vlmexp.errors import MergeError
+from vlmexp.merge import sparsify as sp
+from vlmexp.merge.methods import (
+    METHODS,
+    mask_is_deterministic,
+    merge_tensor,
+    sparsify_mask,
+    task_arithmetic,
+)
+
+F64 = torch.float64
+
+
+def _tensors(n_donors: int = 3, shape: tuple[int, ...] = (6, 7), seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g, dtype=F64)
+    deltas = [torch.randn(shape, generator=g, dtype=F64) * (0.5 + i) for i in range(n_donors)]
+    return base, deltas
+
+
+def _merge64(method, base, donors, donor_params, params=None, **kw):
+    return merge_tensor(method, base, donors, donor_params, params or {}, dtype=F64, **kw)
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def ref_keep_top(delta: torch.Tensor, k: int) -> torch.Tensor:
+    """0/1 mask keeping the k entries of largest magnitude (plain sort)."""
+    flat = delta.reshape(-1).tolist()
+    order = sorted(range(len(flat)), key=lambda i: abs(flat[i]), reverse=True)
+    mask = [0.0] * len(flat)
+    for i in order[:k]:
+        mask[i] = 1.0
+    return torch.tensor(mask, dtype=F64).reshape(delta.shape)
+
+
+def ref_breadcrumbs_keep(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """0/1 mask: drop the top gamma·n by magnitude, keep the next density·n."""
+    flat = delta.reshape(-1).tolist()
+    n = len(flat)
+    order = sorted(range(n), key=lambda i: abs(flat[i]), reverse=True)
+    n_top = int(gamma * n)
+    target = int(density * n)
+    n_top = min(n_top, n - target)
+    mask = [0.0] * n
+    for i in order[n_top : n_top + target]:
+        mask[i] = 1.0
+    return torch.tensor(mask, dtype=F64).reshape(delta.shape)
+
+
+def ref_ties(base, trimmed, weights, normalize, lam):
+    """TIES: elect the sign of Σ w_i τ_i per entry, mean of the agreeing entries (weighted)."""
+    out = base.clone().reshape(-1)
+    flats = [t.reshape(-1).tolist() for t in trimmed]
+    for j in range(out.numel()):
+        values = [w * f[j] for w, f in zip(weights, flats, strict=True)]
+        sign = 1.0 if sum(values) >= 0 else -1.0
+        agree = [(v, w) for v, w in zip(values, weights, strict=True) if v != 0 and math.copysign(1, v) == sign]
+        total = sum(v for v, _ in agree)
+        if normalize:
+            divisor = sum(w for _, w in agree)
+            total = total / divisor if divisor != 0 else total
+        out[j] += lam * total
+    return out.reshape(base.shape)
+
+
+def ref_slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    cos = float((a * b).sum() / (a.norm() * b.norm()))
+    theta = math.acos(cos)
+    return (math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_registry_is_complete_and_described() -> None:
+    expected = {
+        "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+        "breadcrumbs_ties", "della", "della_linear", "slerp", "nuslerp", "model_stock", "karcher",
+    }
+    assert set(METHODS) == expected
+    for name, spec in METHODS.items():
+        assert spec.name == name
+        assert spec.paper.startswith("https://")
+        assert spec.inputs in ("deltas", "weights")
+        assert spec.random == (name in {"dare_ties", "dare_linear", "della", "della_linear"})
+        assert mask_is_deterministic(name) == (not spec.random)
+        names = [p.name for p in spec.donor_params + spec.method_params]
+        assert len(names) == len(set(names))
+
+
+# ----------------------------------------------------------------------------- task arithmetic
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("lam", [1.0, 0.6])
+def test_task_arithmetic_formula(normalize: bool, lam: float) -> None:
+    base, deltas = _tensors()
+    weights = [0.7, -0.2, 1.3]
+    ours = _merge64(
+        "task_arithmetic", base, deltas, [{"weight": w} for w in weights],
+        {"normalize": normalize, "lambda": lam},
+    )
+    total = sum(w * d for w, d in zip(weights, deltas, strict=True))
+    expected = base + lam * (total / sum(weights) if normalize else total)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_linear_formula_with_base_weight(normalize: bool) -> None:
+    base, deltas = _tensors(2)
+    donors = [base + d for d in deltas]
+    ours = _merge64(
+        "linear", base, deltas, [{"weight": 0.3}, {"weight": 0.9}],
+        {"normalize": normalize, "base_weight": 0.4},
+    )
+    total = 0.4 * base + 0.3 * donors[0] + 0.9 * donors[1]
+    expected = total / 1.6 if normalize else total
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12)
+    with pytest.raises(MergeError, match="sum to 0"):
+        _merge64("linear", base, deltas[:1], [{"weight": 1.0}], {"base_weight": -1.0})
+
+
+@pytest.mark.parametrize(("densities", "normalize", "lam"), [
+    ((0.3, 0.5, 0.8), True, 1.0), ((0.5, 0.5, 0.5), False, 0.7), ((1.0, 0.2, 1.0), True, 1.2),
+])
+def test_ties_formula(densities, normalize, lam) -> None:
+    base, deltas = _tensors()
+    weights = [1.0, 0.5, 0.8]
+    ours = _merge64(
+        "ties", base, deltas, [{"weight": w, "density": d} for w, d in zip(weights, densities, strict=True)],
+        {"normalize": normalize, "lambda": lam},
+    )
+    n = deltas[0].numel()
+    trimmed = [
+        d * ref_keep_top(d, max(1, int(p * n))) if p < 1 else d for d, p in zip(deltas, densities, strict=True)
+    ]
+    torch.testing.assert_close(ours, ref_ties(base, trimmed, weights, normalize, lam), atol=1e-12, rtol=0)
+
+
+def test_sign_consensus_count() -> None:
+    """'count' elects the majority sign by votes, not by mass."""
+    base = torch.zeros(2, dtype=F64)
+    deltas = [torch.tensor([1.0, -1.0], dtype=F64), torch.tensor([1.0, -1.0], dtype=F64),
+              torch.tensor([-10.0, 5.0], dtype=F64)]
+    params = {"normalize": True, "lambda": 1.0}
+    count = task_arithmetic(base, deltas, [{"weight": 1.0}] * 3, params, consensus="count")
+    total = task_arithmetic(base, deltas, [{"weight": 1.0}] * 3, params, consensus="sum")
+    assert count.tolist() == [1.0, -1.0]
+    assert total.tolist() == [-10.0, 5.0]
+
+
+@pytest.mark.parametrize(("density", "gamma"), [(0.5, 0.1), (0.8, 0.05), (0.9, 0.3), (0.3, 0.0)])
+def test_breadcrumbs_formula(density: float, gamma: float) -> None:
+    base, deltas = _tensors(2)
+    weights = [1.0, 0.6]
+    dp = [{"weight": w, "density": density, "gamma": gamma} for w in weights]
+    ours = _merge64("breadcrumbs", base, deltas, dp)
+    kept = [d * ref_breadcrumbs_keep(d, density, gamma) for d in deltas]
+    expected = base + sum(w * k for w, k in zip(weights, kept, strict=True))
+    torch.testing.assert_close(ours, expected, atol=1e-12, rtol=0)
+    ours_ties = _merge64("breadcrumbs_ties", base, deltas, dp, {"normalize": True})
+    expected_ties = ref_ties(base, kept, weights, True, 1.0)
+    torch.testing.assert_close(ours_ties, expected_ties, atol=1e-12, rtol=0)
+
+
+def test_breadcrumbs_keeps_small_tensors_intact() -> None:
+    """Where int(density·n) == 0 mergekit zeroes the delta; vlmexp leaves it whole."""
+    base, deltas = _tensors(1, shape=(8,))
+    ours = _merge64("breadcrumbs", base, deltas, [{"weight": 1.0, "density": 0.1}])
+    torch.testing.assert_close(ours, base + deltas[0], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["mergekit", "paper"])
+def test_magnitude_rescale_modes(mode: str) -> None:
+    base, deltas = _tensors(1, shape=(40, 50))
+    dp = [{"weight": 1.0, "density": 0.3}]
+    ours = _merge64("ties", base, deltas, dp, {"rescale": True, "rescale_mode": mode}) - base
+    kept = deltas[0] * ref_keep_top(deltas[0], int(0.3 * 2000))
+    if mode == "mergekit":
+        expected = kept * deltas[0].abs().sum() / kept.abs().sum()
+    else:
+        expected = kept / 0.3
+    torch.testing.assert_close(ours, expected, atol=1e-12, rtol=0)
+
+
+# ----------------------------------------------------------------------------- random methods
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "della_linear", "della"])
+@pytest.mark.parametrize("density", [0.2, 0.6])
+def test_random_kept_fraction_and_paper_rescale(method: str, density: float) -> None:
+    base = torch.zeros(400, 500)
+    delta = torch.randn(400, 500, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(11)
+    out = merge_tensor(
+        method, base, [delta], [{"weight": 1.0, "density": density}],
+        {"rescale_mode": "paper", "normalize": False}, generator=g,
+    )
+    kept = out != 0
+    assert abs(kept.float().mean().item() - density) < 0.01
+    if method.startswith("dare"):
+        torch.testing.assert_close(out[kept], delta[kept] / density)
+    else:  # DELLA: p_i linear in the magnitude rank within the row, from d − ε to d + ε
+        eps = 0.15
+        ranks = delta.abs().argsort(dim=1).argsort(dim=1).double()
+        probs = (density - eps) + 2 * eps * ranks / (delta.shape[1] - 1)
+        torch.testing.assert_close(
+            out[kept].double(), delta[kept].double() / probs[kept], rtol=1e-6, atol=0
+        )
+        # larger entries survive more often: top fifth vs bottom fifth of each row
+        top = kept[ranks >= 400].float().mean().item()
+        bottom = kept[ranks < 100].float().mean().item()
+        assert top - bottom > 2 * eps * 0.8 - 0.02
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
+def test_random_mergekit_rescale_preserves_l1(method: str) -> None:
+    base = torch.zeros(300, 200)
+    delta = torch.randn(300, 200, generator=torch.Generator().manual_seed(4))
+    out = merge_tensor(
+        method, base, [delta], [{"weight": 1.0, "density": 0.4}], {},
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert (out != 0).float().mean().item() == pytest.approx(0.4, abs=0.01)
+    assert out.abs().sum().item() == pytest.approx(delta.abs().sum().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+def test_random_methods_are_seeded(method: str) -> None:
+    base, deltas = _tensors(2, shape=(50, 60))
+    dp = [{"weight": 1.0, "density": 0.5}, {"weight": 0.5, "density": 0.4}]
+
+    def run(seed: int) -> torch.Tensor:
+        return _merge64(method, base, deltas, dp, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+def test_della_epsilon_range_is_checked() -> None:
+    base, deltas = _tensors(1)
+    with pytest.raises(MergeError, match="epsilon"):
+        _merge64("della", base, deltas, [{"weight": 1.0, "density": 0.9, "epsilon": 0.2}])
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def test_precomputed_masks_are_used_and_cacheable() -> None:
+    base, deltas = _tensors(2, shape=(30, 20))
+    dp = [{"weight": 1.0, "density": 0.4}, {"weight": 0.7, "density": 0.6}]
+    masks = [sparsify_mask("ties", d, p) for d, p in zip(deltas, dp, strict=True)]
+    assert [m.sum().item() for m in masks] == [240, 360]
+    assert masks[0].dtype == torch.bool
+    torch.testing.assert_close(
+        _merge64("ties", base, deltas, dp, masks=masks), _merge64("ties", base, deltas, dp),
+        atol=0, rtol=0,
+    )
+    keep_all = [torch.ones_like(masks[0]), None]
+    dense = _merge64("ties", base, deltas, [dp[0] | {"density": 1.0}, dp[1]])
+    torch.testing.assert_close(_merge64("ties", base, deltas, dp, masks=keep_all), dense)
+    assert sparsify_mask("task_arithmetic", deltas[0], {"weight": 1.0}) is None
+    assert sparsify_mask("ties", deltas[0], {"weight": 1.0, "density": 1.0}) is None
+    assert mask_is_deterministic("breadcrumbs") and not mask_is_deterministic("dare_linear")
+
+
+def test_magnitude_mask_keeps_at_least_one() -> None:
+    delta = torch.tensor([0.1, -0.4, 0.2])
+    assert sp.magnitude_mask(delta, 0.1).tolist() == [False, True, False]
+    assert not sp.magnitude_mask(delta, 0.0).any()
+
+
+# ----------------------------------------------------------------------------- slerp family
+
+
+@pytest.mark.parametrize("t", [0.0, 0.25, 0.7, 1.0])
+def test_slerp_formula(t: float) -> None:
+    base, deltas = _tensors(1)
+    donor = base + deltas[0]
+    ours = _merge64("slerp", base, [donor], [{"t": t}])
+    torch.testing.assert_close(ours, ref_slerp(base, donor, t), atol=1e-12, rtol=0)
+
+
+def test_slerp_collinear_falls_back_to_lerp() -> None:
+    base = torch.linspace(1, 2, 10, dtype=F64)
+    donor = base * 3  # cos = 1
+    ours = _merge64("slerp", base, [donor], [{"t": 0.25}])
+    torch.testing.assert_close(ours, base * 1.5, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["flatten", "rows", "columns"])
+def test_nuslerp_formula(mode: str) -> None:
+    base, deltas = _tensors(2)
+    params = {
+        "flatten": {},
+        "rows": {"nuslerp_flatten": False},
+        "columns": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+    }[mode]
+    ours = _merge64("nuslerp", base, deltas, [{"weight": 1.0}, {"weight": 3.0}], params)
+    a, b = deltas
+    if mode == "flatten":
+        expected = base + ref_slerp(a, b, 0.75)
+    elif mode == "rows":
+        expected = base + torch.stack([ref_slerp(a[i], b[i], 0.75) for i in range(a.shape[0])])
+    else:
+        cols = [ref_slerp(a[:, j], b[:, j], 0.75) for j in range(a.shape[1])]
+        expected = base + torch.stack(cols, dim=1)
+    torch.testing.assert_close(ours, expected, atol=1e-12, rtol=0)
+    no_base = _merge64("nuslerp", base, deltas, [{"weight": 1.0}, {"weight": 3.0}],
+                       {"use_base": False})
+    torch.testing.assert_close(no_base, ref_slerp(base + a, base + b, 0.75), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("n_donors", [2, 3])
+def test_model_stock_formula(n_donors: int) -> None:
+    base, deltas = _tensors(n_donors)
+    # make the task vectors share a direction so that t is well inside (0, 1)
+    deltas = [d + 2 * deltas[0] for d in deltas]
+    ours = _merge64("model_stock", base, deltas, [{}] * n_donors)
+    flats = [d.reshape(-1) for d in deltas]
+    cosines = [
+        float(flats[i] @ flats[j] / (flats[i].norm() * flats[j].norm()))
+        for i in range(n_donors) for j in range(i + 1, n_donors)
+    ]
+    cos = sum(cosines) / len(cosines)
+    t = n_donors * cos / (1 + (n_donors - 1) * cos)
+    average = sum(base + d for d in deltas) / n_donors
+    torch.testing.assert_close(ours, t * average + (1 - t) * base, atol=1e-12, rtol=0)
+    assert 0 < t < 1
+
+
+def test_model_stock_filter_wise_per_row() -> None:
+    base, deltas = _tensors(2)
+    ours = _merge64("model_stock", base, deltas, [{}, {}], {"filter_wise": True})
+    for i in range(base.shape[0]):
+        a, b = deltas[0][i], deltas[1][i]
+        cos = float(a @ b / (a.norm() * b.norm()))
+        t = 2 * cos / (1 + cos)
+        torch.testing.assert_close(ours[i], base[i] + t * (a + b) / 2, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("use_base", [True, False])
+def test_karcher_is_a_stationary_point(use_base: bool) -> None:
+    """The Karcher mean u* zeroes Σ log_u*(x_i); its norm is the mean of the norms."""
+    base, deltas = _tensors(3, shape=(5, 4))
+    donors = [base + 0.5 * d for d in deltas]
+    ours = _merge64("karcher", base, donors, [{}] * 3,
+                    {"max_iter": 200, "tol": 1e-12, "use_base": use_base})
+    points = donors + ([base] if use_base else [])
+    mean_norm = sum(p.norm() for p in points) / len(points)
+    torch.testing.assert_close(ours.norm(), mean_norm, atol=1e-10, rtol=0)
+    u = (ours / ours.norm()).reshape(-1)
+    gradient = torch.zeros_like(u)
+    for p in points:
+        x = (p / p.norm()).reshape(-1)
+        cos = float(x @ u)
+        theta = math.acos(max(-1.0, min(1.0, cos)))
+        gradient += theta / math.sin(theta) * (x - cos * u)
+    assert gradient.norm().item() < 1e-9
+
+
+# ----------------------------------------------------------------------------- contract
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_inputs_untouched_and_dtype_kept(method: str) -> None:
+    spec = METHODS[method]
+    n = max(spec.min_donors, min(2, spec.max_donors or 2))
+    base64, deltas64 = _tensors(n, shape=(8, 9))
+    base = base64.to(torch.bfloat16)
+    donors = [(d if spec.inputs == "deltas" else base64 + d).to(torch.bfloat16) for d in deltas64]
+    before = [base.clone()] + [d.clone() for d in donors]
+    dp = [
+        {p.name: (0.5 if p.default is None else p.default) for p in spec.donor_params}
+        | ({"density": 0.5} if any(p.name == "density" for p in spec.donor_params) else {})
+        for _ in range(n)
+    ]
+    out = merge_tensor(method, base, donors, dp, {}, generator=torch.Generator().manual_seed(0))
+    assert out.dtype == torch.bfloat16 and out.shape == base.shape
+    assert torch.isfinite(out.float()).all()
+    for original, now in zip(before, [base, *donors], strict=True):
+        assert torch.equal(original, now)
+    # float32 math on bf16 inputs equals the float32 merge cast to bf16
+    out32 = merge_tensor(method, base.float(), [d.float() for d in donors], dp, {},
+                         generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, out32.to(torch.bfloat16))
+
+
+def test_errors_name_the_fault() -> None:
+    base, deltas = _tensors(2)
+    with pytest.raises(MergeError, match="unknown merge method 'nope'"):
+        merge_tensor("nope", base, deltas, [{}, {}], {})
+    with pytest.raises(MergeError, match="missing required parameter 'weight'"):
+        merge_tensor("ties", base, deltas, [{}, {}], {})
+    with pytest.raises(MergeError, match="unknown parameter.*lamda"):
+        merge_tensor("ties", base, deltas, [{"weight": 1}] * 2, {"lamda": 1})
+    with pytest.raises(MergeError, match="slerp takes exactly 1 donor"):
+        merge_tensor("slerp", base, deltas, [{"t": 0.5}] * 2, {})
+    with pytest.raises(MergeError, match="model_stock takes at least 2"):
+        merge_tensor("model_stock", base, deltas[:1], [{}], {})
+    with pytest.raises(MergeError, match="shape"):
+        merge_tensor("linear", base, [deltas[0][:2]], [{"weight": 1}], {})
+    with pytest.raises(MergeError, match="rescale_mode"):
+        merge_tensor("dare_linear", base, deltas, [{"weight": 1, "density": 0.5}] * 2,
+                     {"rescale_mode": "l2"})

@@ -1,0 +1,496 @@
+"""Open a model folder (safetensors only by default) and its processor; save one atomically.
+
+A model folder is the Hugging Face layout: `config.json`, one `model.safetensors` or sharded
+safetensors with `model.safetensors.index.json`, and processor/tokenizer files. transformers 5
+writes LLaVA-like and Qwen-VL checkpoints under legacy key names by default and renames them on
+load; both layouts open to the same in-memory names and tensors. Every fault is a one-line
+`CheckpointError` naming the file at fault; shards are checked here before transformers sees them.
+
+Example:
+    >>> from vlmexp.checkpoint import open_model, save_model, weights_sha256
+    >>> loaded = open_model("models/base")                      # doctest: +SKIP
+    >>> out = save_model(loaded.model, "models/copy", source_dir="models/base")  # doctest: +SKIP
+    >>> weights_sha256(open_model(out).model) == weights_sha256(loaded.model)    # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmexp.errors import CheckpointError
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+# Files that hold or index weights: never copied from a source folder into a saved checkpoint.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+_MODEL_FILES = ("config.json", "generation_config.json")
+# Any of these makes a folder carry a processor or tokenizer.
+_PROCESSOR_FILES = (
+    "processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "tokenizer.json",
+    "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "chat_template.jinja",
+    "chat_template.json",
+)
+# Size in bytes of each safetensors dtype, to check a header's offsets against its shapes.
+_ST_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+    "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+@dataclass
+class LoadedModel:
+    """A model opened by `open_model`, with its processor and where it came from."""
+
+    model: torch.nn.Module  # eval mode, on the requested device
+    processor: Any | None  # AutoProcessor, else AutoTokenizer, else None (no processor files)
+    path: str  # the folder (or hub id)
+    config: Any  # model.config
+
+
+def resolve_device(device: str | None = None) -> str:
+    """Return "cuda" when available and `device` is None or "auto", else "cpu"; others pass through.
+
+    Example:
+        >>> resolve_device("cpu")
+        'cpu'
+    """
+    if device is None or device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def open_model(
+    path_or_id: str | os.PathLike,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    load_processor: bool = True,
+) -> LoadedModel:
+    """Open a model folder (or a hub id, when online and no such folder exists) in eval mode.
+
+    The Auto class follows the config: image-text-to-text, else vision2seq, else causal LM.
+    `dtype=None` keeps the checkpoint's dtype. Every tensor must load: a missing, unexpected or
+    mis-shaped key raises `CheckpointError` rather than being dropped or randomly initialized.
+
+    Example:
+        >>> loaded = open_model("models/base", device="auto")   # doctest: +SKIP
+        >>> loaded.model.training                                 # doctest: +SKIP
+        False
+    """
+    name = os.fspath(path_or_id)
+    folder = _local_folder(name, allow_pickle=allow_pickle)
+    weights = _check_weights(folder, allow_pickle=allow_pickle)
+    config = _load_config(folder, trust_remote_code=trust_remote_code)
+    auto_class = _auto_class(config, folder / "config.json", trust_remote_code=trust_remote_code)
+    try:
+        model, info = auto_class.from_pretrained(
+            folder, config=config, dtype=dtype if dtype is not None else "auto",
+            use_safetensors=weights.name.startswith(SAFE_WEIGHTS),
+            trust_remote_code=trust_remote_code,
+            output_loading_info=True, local_files_only=True,
+            # Mis-shaped keys come back in the loading info, so the error can name them.
+            ignore_mismatched_sizes=True,
+        )
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{folder}: cannot load weights: {_one_line(err)}") from err
+    _check_loading_info(weights, info)
+    model = model.to(resolve_device(device)).eval()
+    processor = _load_processor(folder) if load_processor else None
+    return LoadedModel(model=model, processor=processor, path=name, config=model.config)
+
+
+def load_processor(path: str | os.PathLike) -> Any | None:
+    """Load the folder's AutoProcessor, else its AutoTokenizer; None when it has neither's files.
+
+    A processor that cannot be built (Qwen-VL and SmolVLM processors need torchvision for their
+    video part) falls back to the tokenizer.
+
+    Example:
+        >>> load_processor("models/base")                       # doctest: +SKIP
+        LlavaProcessor(...)
+    """
+    from transformers import AutoProcessor, AutoTokenizer
+
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / f).exists() for f in _PROCESSOR_FILES):
+        return None
+    try:
+        return AutoProcessor.from_pretrained(folder if folder.is_dir() else os.fspath(path))
+    except Exception as processor_err:  # any failure: try the tokenizer alone
+        try:
+            return AutoTokenizer.from_pretrained(folder if folder.is_dir() else os.fspath(path))
+        except Exception as err:
+            raise CheckpointError(
+                f"{path}: cannot load processor ({_one_line(processor_err)}) "
+                f"or tokenizer ({_one_line(err)})"
+            ) from err
+
+
+def save_model(
+    model: torch.nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    processor: Any | None = None,
+    source_dir: str | os.PathLike | None = None,
+    force: bool = False,
+    native_layout: bool = False,
+    max_shard_size: str = "2GB",
+) -> Path:
+    """Write config, safetensors weights, generation config and processor files atomically.
+
+    Everything goes into a temporary folder beside `out_dir` that is renamed into place once
+    complete; a failure leaves nothing at `out_dir` (or the old folder untouched with `force`).
+    Processor files come from `processor.save_pretrained`; then every file of `source_dir` not
+    yet written is copied, except weights, indexes, `config.json` and `generation_config.json`.
+    `native_layout=True` writes in-memory key names; the default writes transformers' legacy names.
+
+    Example:
+        >>> save_model(model, "out/merged", source_dir="models/base")   # doctest: +SKIP
+        PosixPath('out/merged')
+    """
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise CheckpointError(f"{out}: already exists; pass force=True (--force) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(
+            tmp, max_shard_size=max_shard_size, save_original_format=not native_layout,
+        )
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        if source_dir is not None:  # fills in what the processor did not write (README, templates)
+            _copy_non_weight_files(Path(source_dir), tmp)
+        _replace(tmp, out)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise CheckpointError(f"{out}: cannot write checkpoint: {_one_line(err)}") from err
+        raise
+    return out
+
+
+def weights_sha256(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """sha256 over every tensor in sorted in-memory name order: name, dtype, shape, raw bytes.
+
+    Tied tensors count once (the first name in sorted order), so the digest is the same for a
+    model saved in legacy or native layout once reopened, and for a live model and its saved copy.
+
+    Example:
+        >>> weights_sha256({"w": torch.zeros(2)})[:12]
+        '2d3c4d38442d'
+    """
+    state = (
+        model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module)
+        else model_or_state
+    )
+    digest = hashlib.sha256()
+    seen: set[tuple] = set()
+    for name in sorted(state):
+        tensor = state[name].detach()
+        identity = (
+            str(tensor.device), tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
+            tuple(tensor.shape), tensor.stride(), tensor.dtype,
+        )
+        if tensor.numel() and identity in seen:  # empty tensors share a null pointer
+            continue
+        seen.add(identity)
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        digest.update(f"{name}\0{dtype}\0{tuple(tensor.shape)}\0".encode())
+        data = tensor.to("cpu").contiguous().reshape(-1)
+        # Reinterpreting as bytes works for every dtype, bf16 and fp8 included (numpy has neither).
+        digest.update(data.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def folder_weights_sha256(
+    path: str | os.PathLike, *, allow_pickle: bool = False, trust_remote_code: bool = False
+) -> str:
+    """`weights_sha256` of the model at `path`: this loads the whole model (on the CPU).
+
+    Example:
+        >>> folder_weights_sha256("models/base")                # doctest: +SKIP
+        '3f1c…'
+    """
+    loaded = open_model(
+        path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, load_processor=False
+    )
+    return weights_sha256(loaded.model)
+
+
+# --- opening: find the folder, check its files -------------------------------------------------
+
+
+def _one_line(err: BaseException | str) -> str:
+    text = str(err).strip() or type(err).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return constants.HF_HUB_OFFLINE or any(f.upper() in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+def _local_folder(name: str, *, allow_pickle: bool) -> Path:
+    """The folder to open: `name` itself, or the snapshot of hub id `name` when online."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: not a model folder (a file, not a folder)")
+        return path
+    if not _HUB_ID.match(name):
+        raise CheckpointError(f"{name}: no such model folder")
+    if _offline():
+        raise CheckpointError(
+            f"{name}: no such model folder, and hub ids cannot be fetched offline "
+            "(HF_HUB_OFFLINE=1)"
+        )
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.jinja", "*.txt", "*.model", "*.py", "*.safetensors"]
+    if allow_pickle:
+        patterns.append("*.bin")
+    try:
+        return Path(snapshot_download(name, allow_patterns=patterns))
+    except Exception as err:  # network, auth, unknown repo: all one line naming the id
+        raise CheckpointError(f"{name}: cannot fetch from the hub: {_one_line(err)}") from err
+
+
+def _check_weights(folder: Path, *, allow_pickle: bool) -> Path:
+    """Check the folder's weight files; return the one transformers will read (file or index)."""
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: not a model folder (no config.json)")
+    index = folder / SAFE_INDEX
+    if index.is_file():
+        _check_index(folder, index)
+        return index
+    if (folder / SAFE_WEIGHTS).is_file():
+        _check_shard(folder / SAFE_WEIGHTS)
+        return folder / SAFE_WEIGHTS
+    stray = sorted(p.name for p in folder.glob("*.safetensors"))
+    if stray:
+        others = f" and {len(stray) - 1} more" if len(stray) > 1 else ""
+        raise CheckpointError(
+            f"{folder / SAFE_INDEX}: missing, so {stray[0]}{others} cannot be read"
+        )
+    pickles = [folder / f for f in PICKLE_WEIGHTS if (folder / f).is_file()]
+    if pickles and not allow_pickle:
+        raise CheckpointError(
+            f"{pickles[0]}: pickle-only checkpoint; loading it can run arbitrary code, "
+            "opt in with allow_pickle=True (--allow-pickle)"
+        )
+    if pickles:
+        return pickles[-1]  # the index when there is one
+    raise CheckpointError(f"{folder}: no weights ({SAFE_WEIGHTS} or {SAFE_INDEX})")
+
+
+def _check_index(folder: Path, index: Path) -> None:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError("empty weight_map")
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index}: malformed index ({_one_line(err)})") from err
+    shards: dict[str, set[str]] = {}
+    for key, shard in weight_map.items():
+        shards.setdefault(shard, set()).add(key)
+    for shard, keys in sorted(shards.items()):
+        shard_path = folder / shard
+        if not shard_path.is_file():
+            raise CheckpointError(f"{index}: names shard {shard}, which is missing")
+        absent = sorted(keys - _check_shard(shard_path))
+        if absent:
+            raise CheckpointError(
+                f"{index}: maps {absent[0]} to {shard}, which does not hold it"
+                + (f" ({len(absent) - 1} more)" if len(absent) > 1 else "")
+            )
+
+
+def _check_shard(path: Path) -> set[str]:
+    """Check a safetensors file's header against its size; return its tensor names."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than a safetensors header")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > size - 8:
+                raise ValueError(f"header of {header_len} bytes but the file has {size}")
+            header = json.loads(f.read(header_len))
+        end = 0
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            begin, stop = entry["data_offsets"]
+            numel = 1
+            for dim in entry["shape"]:
+                numel *= dim
+            if stop - begin != numel * _ST_DTYPE_BYTES.get(entry["dtype"], 0):
+                raise ValueError(f"tensor {name}: offsets do not match dtype and shape")
+            end = max(end, stop)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: corrupt safetensors file ({_one_line(err)})") from err
+    if size != 8 + header_len + end:
+        raise CheckpointError(
+            f"{path}: truncated or corrupt safetensors file ({size} bytes, header says "
+            f"{8 + header_len + end})"
+        )
+    return {name for name in header if name != "__metadata__"}
+
+
+def _load_config(folder: Path, *, trust_remote_code: bool) -> Any:
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config_file = folder / "config.json"
+    try:
+        raw = json.loads(config_file.read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{config_file}: not valid JSON ({_one_line(err)})") from err
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    has_code = isinstance(raw, dict) and "auto_map" in raw
+    if model_type not in CONFIG_MAPPING and not (has_code and trust_remote_code):
+        hint = (
+            "it ships its own code: pass trust_remote_code=True (--trust-remote-code) to run it"
+            if has_code else
+            "upgrade transformers, or pass trust_remote_code=True (--trust-remote-code) if the "
+            "folder ships its own modeling code"
+        )
+        raise CheckpointError(
+            f"{config_file}: architecture model_type={model_type!r} is unknown to "
+            f"transformers; {hint}"
+        )
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{config_file}: cannot read config ({_one_line(err)})") from err
+
+
+def _auto_classes() -> list[tuple[str, Any, Any]]:
+    """(name, Auto class, its mapping) in order of preference: image-text, vision2seq, causal LM."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    order = [
+        ("AutoModelForImageTextToText", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING"),
+        ("AutoModelForVision2Seq", "MODEL_FOR_VISION_2_SEQ_MAPPING"),  # gone in transformers 5
+        ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING"),
+    ]
+    return [
+        (auto, getattr(transformers, auto), getattr(modeling_auto, mapping))
+        for auto, mapping in order
+        if hasattr(transformers, auto) and hasattr(modeling_auto, mapping)
+    ]
+
+
+def _auto_class(config: Any, config_file: Path, *, trust_remote_code: bool) -> Any:
+    """The Auto class for `config`: one the trusted remote code names, else one whose mapping
+    gives a class named in `architectures`, else the first whose mapping knows the config type."""
+    candidates = _auto_classes()
+    auto_map = getattr(config, "auto_map", None) or {}
+    if trust_remote_code:
+        for auto, cls, _ in candidates:
+            if auto in auto_map:
+                return cls
+    known = [(cls, mapping[type(config)]) for _, cls, mapping in candidates
+             if type(config) in mapping]
+    architectures = set(getattr(config, "architectures", None) or ())
+    for cls, model_cls in known:
+        if getattr(model_cls, "__name__", None) in architectures:
+            return cls
+    if known:
+        return known[0][0]
+    named = ", ".join(sorted(architectures)) or "no architectures"
+    hint = "" if trust_remote_code else (
+        "; if it ships its own code pass trust_remote_code=True (--trust-remote-code)"
+    )
+    raise CheckpointError(
+        f"{config_file}: {type(config).__name__} ({named}) is neither an image-text-to-text "
+        f"nor a causal LM model in transformers{hint}"
+    )
+
+
+def _describe_key(key: Any) -> str:
+    # mismatched entries are (key, checkpoint shape, model shape)
+    if isinstance(key, tuple) and len(key) == 3:
+        return f"{key[0]} {tuple(key[1])} in checkpoint vs {tuple(key[2])} in model"
+    return str(key[0] if isinstance(key, tuple) else key)
+
+
+def auto_model_class(config: Any, *, trust_remote_code: bool = False) -> Any:
+    """The Auto class `open_model` uses for `config` (image-text-to-text, vision2seq, causal LM).
+
+    Example:
+        >>> auto_model_class(transformers.LlamaConfig()).__name__   # doctest: +SKIP
+        'AutoModelForCausalLM'
+    """
+    return _auto_class(config, Path("config.json"), trust_remote_code=trust_remote_code)
+
+
+def _check_loading_info(weights: Path, info: Mapping[str, Any]) -> None:
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(_describe_key(k) for k in info.get(kind) or ())
+        if keys:
+            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+            problems.append(f"{kind.replace('_', ' ')}: {', '.join(keys[:3])}{more}")
+    problems += [_one_line(msg) for msg in info.get("error_msgs") or ()]
+    if problems:
+        raise CheckpointError(f"{weights}: weights do not match the model; " + "; ".join(problems))
+
+
+# --- saving -------------------------------------------------------------------------------------
+
+
+def _copy_non_weight_files(source: Path, dest: Path) -> None:
+    """Copy the processor/tokenizer (and other non-weight) files of `source` into `dest`."""
+    if not source.is_dir():
+        raise CheckpointError(f"{source}: source folder does not exist")
+    for item in sorted(source.iterdir()):
+        name = item.name
+        if (
+            not item.is_file() or name.startswith(".") or name in _MODEL_FILES
+            or name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json")
+            or (dest / name).exists()
+        ):
+            continue
+        shutil.copy2(item, dest / name)
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename the finished `tmp` to `out`; an existing `out` goes only once `tmp` is in place."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old.rmdir()
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+_load_processor = load_processor  # open_model's `load_processor` flag shadows the function

@@ -1,0 +1,381 @@
+"""The merge engine: one live model, cached task vectors, `apply(recipe)` in place.
+
+The base is loaded once as the live model (on the GPU when there is one), and a pristine copy
+of its weights is kept beside it. Each donor is loaded once, aligned with the base by the layout
+(LLM → VLM donors included), and reduced to its task vector (donor − base, in the math dtype),
+then dropped. `apply` writes the merged weights into the live model's parameters: no second
+model is allocated, and only tensors whose value must change are written (a component the
+recipe leaves out keeps, or gets back, the base's weights).
+
+Example:
+    >>> from vlmexp.zoo.tiny import build
+    >>> base, donor = build("llava", seed=0), build("llava", seed=1)
+    >>> engine = MergeEngine(base, {"ft": donor}, progress=False)
+    >>> recipe = Recipe.from_dict({"method": "task_arithmetic", "base": {"path": "b"},
+    ...     "donors": [{"name": "ft", "path": "d"}],
+    ...     "components": {"projector": {"ft": {"weight": 1.0}}}})
+    >>> result = engine.apply(recipe)
+    >>> torch.equal(base.model.multi_modal_projector.linear_1.weight,
+    ...             donor.model.multi_modal_projector.linear_1.weight)
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from vlmexp.errors import MergeError, RecipeError
+from vlmexp.layout import Alignment, Layout, ParamInfo, align, discover
+from vlmexp.merge import methods
+from vlmexp.merge.recipe import ModelRef, Recipe
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64,
+           "bfloat16": torch.bfloat16, "float16": torch.float16}
+DIGEST_SCHEME = "isum1"
+
+
+@dataclass
+class ApplyResult:
+    """What one `apply` did: the weights digest, seconds, and how many tensors it wrote."""
+
+    weights_digest: str
+    seconds: float
+    digest_seconds: float
+    written: int
+    merged: int
+
+
+class _MaskCache:
+    """Deterministic sparsification masks (e.g. magnitude top-k for a density), LRU by bytes."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self.used = 0
+        self.hits = 0
+        self.misses = 0
+        self._masks: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        mask = self._masks.get(key)
+        if mask is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._masks.move_to_end(key)
+        return mask
+
+    def put(self, key: tuple, mask: torch.Tensor) -> None:
+        size = mask.numel() * mask.element_size()
+        if size > self.budget:
+            return
+        while self.used + size > self.budget and self._masks:
+            _, old = self._masks.popitem(last=False)
+            self.used -= old.numel() * old.element_size()
+        self._masks[key] = mask
+        self.used += size
+
+
+class MergeEngine:
+    """Holds the live base model and the donors' task vectors; `apply(recipe)` merges in place.
+
+    Args:
+        base: the base model (an `nn.Module`, or a `LoadedModel` / folder, opened on `device`).
+        donors: name → donor model (`nn.Module`, `LoadedModel` or folder). Donors are aligned with
+            the base (same architecture, or a text-only LLM onto the base's language model),
+            reduced to task vectors and released.
+        device: where the live model and task vectors live; default cuda when available.
+        vocab: vocabulary-size policy for donors ("error" or "common_rows", see `layout.align`).
+        maps: donor name → expected alignment kind ("same" / "llm_to_vlm"); "auto" accepts any.
+        math_dtype: dtype of the stored task vectors (the recipe's math dtype by default).
+        mask_cache_bytes: memory budget for cached deterministic sparsification masks.
+        progress: show a progress bar while loading donors.
+    """
+
+    def __init__(
+        self,
+        base: Any,
+        donors: Mapping[str, Any] | None = None,
+        *,
+        device: str | None = None,
+        vocab: str = "error",
+        maps: Mapping[str, str] | None = None,
+        math_dtype: torch.dtype = torch.float32,
+        mask_cache_bytes: int = 2 << 30,
+        progress: bool = True,
+    ) -> None:
+        from vlmexp.checkpoint import resolve_device
+
+        self.device = resolve_device(device)
+        self.vocab = vocab
+        self.math_dtype = math_dtype
+        loaded = _as_loaded(base, self.device)
+        self.model: torch.nn.Module = loaded.model.to(self.device)
+        self.processor = getattr(loaded, "processor", None)
+        self.base_path: str | None = getattr(loaded, "path", None)
+        self.layout: Layout = discover(self.model)
+        self._params: dict[str, torch.nn.Parameter] = dict(self.model.named_parameters())
+        self._base: dict[str, torch.Tensor] = {
+            name: self._params[name].detach().clone() for name in self.layout.params
+        }
+        self.task_vectors: dict[str, dict[str, torch.Tensor]] = {}
+        self.alignments: dict[str, Alignment] = {}
+        self.donor_paths: dict[str, str | None] = {}
+        self._input_digests: dict[str, str] = {}
+        self._dirty: set[str] = set()
+        self.masks = _MaskCache(mask_cache_bytes)
+        for name, donor in (donors or {}).items():
+            expected = (maps or {}).get(name, "auto")
+            self.add_donor(name, donor, map=expected, progress=progress)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, *, device: str | None = None,
+                    check_digests: bool = True, progress: bool = True) -> MergeEngine:
+        """Open the recipe's base and donors from their paths and check their digests."""
+        from vlmexp.checkpoint import open_model
+
+        dev = device
+        engine = cls(open_model(recipe.base.path, device=_cpu_or(dev)), device=dev,
+                     vocab=recipe.vocab, math_dtype=_DTYPES[recipe.dtype], progress=progress)
+        for ref in recipe.donors:
+            engine.add_donor(ref.name, open_model(ref.path, load_processor=False),
+                             map=ref.map, progress=progress)
+        if check_digests:
+            engine.check_digests(recipe)
+        return engine
+
+    def add_donor(self, name: str, donor: Any, *, map: str = "auto",
+                  progress: bool = True) -> Alignment:
+        """Align `donor` with the base and keep its task vector under `name`."""
+        if name == "base" or name in self.task_vectors:
+            raise MergeError(f"donor name {name!r} is reserved or already loaded")
+        loaded = _as_loaded(donor, "cpu")
+        donor_model = loaded.model
+        alignment = align(self.model, donor_model, vocab=self.vocab)
+        if map != "auto" and alignment.kind != map:
+            raise MergeError(f"donor {name!r}: expected a {map} donor, but it aligns as "
+                             f"{alignment.kind}")
+        donor_params = dict(donor_model.named_parameters())
+        vectors: dict[str, torch.Tensor] = {}
+        items = [(b, d) for b, d in alignment.mapping.items() if b in self.layout.params]
+        for base_name, donor_name in tqdm(items, desc=f"task vector {name}", unit="tensor",
+                                          disable=not progress, leave=False):
+            src = donor_params[donor_name].detach()
+            base_t = self._base[base_name]
+            rows = alignment.rows.get(base_name)
+            if rows is None:
+                tv = src.to(self.device, self.math_dtype) - base_t.to(self.math_dtype)
+            else:
+                tv = torch.zeros(base_t.shape, dtype=self.math_dtype, device=self.device)
+                tv[:rows] = src[:rows].to(self.device, self.math_dtype) - base_t[:rows].to(
+                    self.math_dtype)
+            vectors[base_name] = tv
+        self.task_vectors[name] = vectors
+        self.alignments[name] = alignment
+        self.donor_paths[name] = getattr(loaded, "path", None)
+        from vlmexp.checkpoint import weights_sha256
+
+        self._input_digests[name] = weights_sha256(donor_model)
+        return alignment
+
+    # ------------------------------------------------------------------ digests of the inputs
+    def input_digest(self, name: str) -> str:
+        """sha256 of the weights of the base (`"base"`) or a donor, as `checkpoint.weights_sha256`."""
+        if name == "base" and "base" not in self._input_digests:
+            from vlmexp.checkpoint import weights_sha256
+
+            self._input_digests["base"] = weights_sha256(self._base)
+        if name not in self._input_digests:
+            raise MergeError(f"no model named {name!r} is loaded")
+        return self._input_digests[name]
+
+    def check_digests(self, recipe: Recipe) -> None:
+        """Refuse a recipe whose pinned digests do not match the loaded weights."""
+        for ref in [recipe.base, *recipe.donors]:
+            if not ref.weights_sha256:
+                continue
+            key = "base" if ref is recipe.base else ref.name
+            actual = self.input_digest(key)
+            if actual != ref.weights_sha256:
+                raise RecipeError(f"{key} ({ref.path}): weights_sha256 {ref.weights_sha256[:12]}… "
+                                  f"does not match the loaded weights ({actual[:12]}…)")
+
+    def pin(self, recipe: Recipe) -> Recipe:
+        """The recipe with every model's weights_sha256 filled from the loaded weights."""
+        data = recipe.to_dict()
+        data["base"]["weights_sha256"] = self.input_digest("base")
+        for d in data["donors"]:
+            d["weights_sha256"] = self.input_digest(d["name"])
+        return Recipe.from_dict(data)
+
+    # ------------------------------------------------------------------ merging
+    def apply(self, recipe: Recipe) -> ApplyResult:
+        """Write `recipe`'s merge into the live model, in place; return its weights digest.
+
+        Raises MergeError naming the tensor when a merged tensor has a NaN or an inf (the
+        model is then reset to the base, so the next apply starts clean).
+        """
+        self._check_recipe(recipe)
+        start = time.perf_counter()
+        math_dtype = _DTYPES[recipe.dtype]
+        spec = methods.get_spec(recipe.method)
+        params = methods.resolve_params(recipe.method, recipe.parameters)
+        cache_masks = spec.sparsification is not None and methods.mask_is_deterministic(
+            recipe.method)
+        written = merged = 0
+        try:
+            for name, info in self.layout.params.items():
+                comp = info.component
+                if comp in recipe.take:
+                    tv = self.task_vectors[recipe.take[comp]].get(name)
+                    if tv is None:
+                        raise MergeError(f"take.{comp}: donor {recipe.take[comp]!r} has no "
+                                         f"tensor {name}")
+                    self._write(name, self._base[name].to(math_dtype) + tv)
+                    written += 1
+                    continue
+                donors = [d for d in recipe.participants(comp) if name in self.task_vectors[d]]
+                if not donors:
+                    if name in self._dirty:
+                        self._params[name].data.copy_(self._base[name])
+                        self._dirty.discard(name)
+                        written += 1
+                    continue
+                self._write(name, self._merge_one(recipe, spec, params, info, donors,
+                                                  math_dtype, cache_masks))
+                written += 1
+                merged += 1
+        except MergeError:
+            self.reset()
+            raise
+        seconds = time.perf_counter() - start
+        t0 = time.perf_counter()
+        digest = self.weights_digest()
+        return ApplyResult(weights_digest=digest, seconds=seconds,
+                           digest_seconds=time.perf_counter() - t0, written=written,
+                           merged=merged)
+
+    def _merge_one(self, recipe: Recipe, spec: methods.MethodSpec, params: dict[str, Any],
+                   info: ParamInfo, donors: list[str], math_dtype: torch.dtype,
+                   cache_masks: bool) -> torch.Tensor:
+        name = info.name
+        base = self._base[name]
+        deltas = [self.task_vectors[d][name] for d in donors]
+        donor_params = [recipe.resolve(info.component, d, info.depth) for d in donors]
+        generator = None
+        if spec.random:
+            generator = torch.Generator(device=base.device)
+            generator.manual_seed(_tensor_seed(recipe.seed, name))
+        masks = None
+        if cache_masks:
+            masks = []
+            for d, delta, p in zip(donors, deltas, donor_params, strict=True):
+                resolved = methods.resolve_donor_params(recipe.method, p)
+                key = (name, d, spec.sparsification,
+                       *(resolved.get(k) for k in ("density", "gamma", "epsilon")))
+                mask = self.masks.get(key)
+                if mask is None:
+                    mask = methods.sparsify_mask(recipe.method, delta, resolved, params)
+                    if mask is not None:
+                        self.masks.put(key, mask)
+                masks.append(mask)
+        if spec.inputs == "deltas":
+            inputs = deltas
+        else:
+            base_m = base.to(math_dtype)
+            inputs = [base_m + delta for delta in deltas]
+        try:
+            return methods.merge_tensor(recipe.method, base, inputs, donor_params, params,
+                                        generator=generator, masks=masks, dtype=math_dtype)
+        except MergeError as err:
+            raise MergeError(f"{name}: {err}") from None
+
+    def _write(self, name: str, value: torch.Tensor) -> None:
+        self._dirty.add(name)
+        param = self._params[name].data
+        param.copy_(value)
+        if not bool(torch.isfinite(param).all()):
+            raise MergeError(f"merged tensor {name} has NaN or inf values")
+
+    def reset(self) -> None:
+        """Give every parameter the base's weights back."""
+        for name in list(self._dirty):
+            self._params[name].data.copy_(self._base[name])
+        self._dirty.clear()
+
+    def weights_digest(self) -> str:
+        """A cheap digest of the live weights, computed on the device.
+
+        Per tensor, the exact int64 sum of its raw bits (order-free, so independent of thread
+        count) and of every 7th element's bits; then sha256 over names, shapes and those sums.
+        Identical weights give identical digests; any change of a value changes its tensor's sum.
+        """
+        sums = []
+        for name in self.layout.params:
+            t = self._params[name].detach()
+            bits = _bits(t).reshape(-1)
+            sums.append(torch.stack([bits.sum(dtype=torch.int64),
+                                     bits[::7].sum(dtype=torch.int64)]))
+        values = torch.stack(sums).cpu().tolist() if sums else []
+        h = hashlib.sha256()
+        for (name, info), pair in zip(self.layout.params.items(), values, strict=True):
+            h.update(f"{name}|{info.shape}|{info.dtype}|{pair[0]}|{pair[1]};".encode())
+        return f"{DIGEST_SCHEME}:{h.hexdigest()}"
+
+    def _check_recipe(self, recipe: Recipe) -> None:
+        missing = [d for d in recipe.donor_names if d not in self.task_vectors]
+        if missing:
+            raise RecipeError(f"donor {missing[0]!r} is not loaded in this engine "
+                              f"(loaded: {', '.join(self.task_vectors) or 'none'})")
+        if recipe.vocab != self.vocab:
+            raise RecipeError(f"vocab: the recipe asks for {recipe.vocab!r} but the engine aligned "
+                              f"its donors with {self.vocab!r}")
+        for comp, donor in recipe.take.items():
+            if not any(self.layout.params[n].component == comp
+                       for n in self.task_vectors[donor]):
+                raise RecipeError(f"take.{comp}: donor {donor!r} has no {comp} parameters")
+
+    def state_dict_view(self) -> dict[str, torch.Tensor]:
+        """The live parameters by canonical name (no copies)."""
+        return {name: self._params[name].detach() for name in self.layout.params}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    view = {4: torch.int32, 2: torch.int16, 8: torch.int64, 1: torch.int8}[t.element_size()]
+    return t.contiguous().view(view)
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _cpu_or(device: str | None) -> str:
+    return device or "cpu"
+
+
+class _Loaded:
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.processor = None
+        self.path = None
+
+
+def _as_loaded(obj: Any, device: str) -> Any:
+    """An nn.Module, a LoadedModel, a ModelRef or a folder → something with .model/.processor/.path."""
+    if isinstance(obj, torch.nn.Module):
+        return _Loaded(obj)
+    if hasattr(obj, "model"):
+        return obj
+    from vlmexp.checkpoint import open_model
+
+    path = obj.path if isinstance(obj, ModelRef) else str(obj)
+    return open_model(path, device=device)

@@ -1,0 +1,698 @@
+"""Pure per-tensor merge math: tensors in, tensor out, one function per method family.
+
+Every method is declared once, as data, in `_SPECS` (turned into `METHODS`, name → spec): its
+input kind, its per-donor and method-level parameters with defaults and ranges (read by the
+recipe validator), its donor-count bounds, and its paper. Names, parameters and defaults follow
+mergekit 0.1.5, so that a recipe exports to a mergekit YAML that mergekit runs to the same
+tensors (within float32 rounding); the docstrings say where vlmexp deliberately differs.
+
+Input kinds: "deltas" methods receive task vectors (donor − base), "weights" methods full donor
+weights. The base is always passed. Functions never modify their inputs; they compute in the
+dtype they are given (`merge_tensor` converts) and return a fresh tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+
+from vlmexp.errors import MergeError
+from vlmexp.merge import sparsify as sp
+
+
+@dataclass(frozen=True)
+class ParamDef:
+    """A method parameter: name, default (None = required), inclusive range, kind, one-line doc."""
+
+    name: str
+    default: float | bool | str | None
+    low: float | None = None
+    high: float | None = None
+    kind: str = "float"  # "float" | "bool" | "int" | "str"
+    doc: str = ""
+    choices: tuple[str, ...] = ()  # allowed values of a "str" parameter
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A merge method as data: what it takes, what it needs, where it comes from, its function."""
+
+    name: str
+    inputs: str  # "deltas" (donor − base) or "weights" (full donor weights)
+    donor_params: tuple[ParamDef, ...]
+    method_params: tuple[ParamDef, ...]
+    min_donors: int
+    max_donors: int | None
+    random: bool  # draws from a torch.Generator (DARE, DELLA)
+    uses_base: bool
+    mergekit: str | None
+    paper: str
+    fn: Callable[..., torch.Tensor]
+    consensus: str | None = None  # task-arithmetic family: "sum" | "count" sign election
+    sparsification: str | None = None  # task-arithmetic family: a name from sparsify.SPARSIFIERS
+
+
+DonorParams = Mapping[str, Any]
+Params = Mapping[str, Any]
+
+
+# --------------------------------------------------------------------------- task arithmetic
+
+
+def task_arithmetic(
+    base: torch.Tensor,
+    deltas: Sequence[torch.Tensor],
+    donor_params: Sequence[DonorParams],
+    params: Params,
+    *,
+    consensus: str | None = None,
+    sparsification: str | None = None,
+    generator: torch.Generator | None = None,
+    masks: Sequence[torch.Tensor | None] | None = None,
+) -> torch.Tensor:
+    """base + lambda · Σ w_i · sparsify(δ_i) [· sign-consensus mask] [/ normalizer].
+
+    Covers task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della and
+    della_linear (mergekit's GeneralizedTaskArithmeticMerge). With a consensus ("sum": sign of
+    Σ w_i δ_i, TIES; "count": majority of signs) only entries agreeing with the elected sign are
+    summed, and `normalize` divides each entry by the sum of the weights that took part (a zero
+    sum counts as 1). Without consensus `normalize` divides by Σ w_i (|Σ w_i| < 1e-8 counts as 1).
+    `masks[i]`, when given, replaces donor i's sparsification mask (True = keep). `int8_mask`
+    is accepted for mergekit compatibility and changes nothing (a memory option there).
+    """
+    weights = [float(p["weight"]) for p in donor_params]
+    if sparsification is not None:
+        deltas = [
+            _sparsified(delta, p, params, sparsification, generator, masks[i] if masks else None)
+            for i, (delta, p) in enumerate(zip(deltas, donor_params, strict=True))
+        ]
+
+    lam = float(params["lambda"])
+    if consensus is None:
+        # One pass per donor: base + Σ (lambda·w_i / divisor)·δ_i, folded into the coefficients.
+        divisor = sum(weights) if params["normalize"] else 1.0
+        scale = lam / (divisor if abs(divisor) >= 1e-8 else 1.0)
+        return _weighted_sum(base, 1.0, deltas, [w * scale for w in weights])
+
+    weighted = base.new_empty((len(deltas), *base.shape))
+    for row, delta, weight in zip(weighted, deltas, weights, strict=True):
+        torch.mul(delta, weight, out=row)
+    agree = _sign_agreement(weighted, consensus)
+    mixed = weighted.mul_(agree).sum(dim=0)
+    if params["normalize"]:
+        shape = (len(weights),) + (1,) * base.dim()
+        w = torch.tensor(weights, dtype=base.dtype, device=base.device).reshape(shape)
+        divisor = agree.mul_(w).sum(dim=0)
+        divisor[divisor == 0] = 1
+        mixed.div_(divisor)
+    if lam != 1:
+        mixed.mul_(lam)
+    return mixed.add_(base)
+
+
+def _sparsified(
+    delta: torch.Tensor,
+    p: DonorParams,
+    params: Params,
+    sparsification: str,
+    generator: torch.Generator | None,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    density = float(p["density"])
+    if density >= 1:
+        return delta
+    if mask is None:
+        mask = sp.sparsify_mask(
+            sparsification,
+            delta,
+            density=density,
+            gamma=float(p.get("gamma", 0.01)),
+            epsilon=float(p.get("epsilon", 0.15)),
+            generator=generator,
+        )
+    return sp.apply_mask(
+        delta,
+        mask,
+        rescale=bool(params["rescale"]),
+        rescale_mode=str(params["rescale_mode"]),
+        sparsification=sparsification,
+        density=density,
+        epsilon=float(p.get("epsilon", 0.15)),
+    )
+
+
+def _sign_agreement(weighted: torch.Tensor, consensus: str) -> torch.Tensor:
+    """[n, ...] 0/1 mask of entries whose sign equals the elected sign (zeros never agree)."""
+    signs = weighted.sign()
+    if consensus == "sum":
+        elected = weighted.sum(dim=0) >= 0
+    elif consensus == "count":
+        elected = signs.sum(dim=0) >= 0
+    else:
+        raise MergeError(f"unknown consensus {consensus!r}; known: sum, count")
+    elected_sign = elected.to(weighted.dtype).mul_(2).sub_(1)
+    return (signs == elected_sign).to(weighted.dtype)
+
+
+# --------------------------------------------------------------------------- linear
+
+
+def linear(
+    base: torch.Tensor,
+    deltas: Sequence[torch.Tensor],
+    donor_params: Sequence[DonorParams],
+    params: Params,
+    **_: Any,
+) -> torch.Tensor:
+    """Weighted average of the base (weight `base_weight`) and the donors (weights w_i).
+
+    Computed on task vectors: with S = base_weight + Σ w_i, the normalized average
+    (base_weight·base + Σ w_i·donor_i) / S equals base + Σ w_i δ_i / S, and the unnormalized
+    sum equals S·base + Σ w_i δ_i. In mergekit terms the base is one more listed model whose
+    weight is `base_weight` (0 by default: mergekit then averages only the listed donors).
+    A normalized average whose weights sum to 0 is an error (mergekit divides by zero).
+    """
+    weights = [float(p["weight"]) for p in donor_params]
+    total = float(params["base_weight"]) + sum(weights)
+    if not params["normalize"]:
+        return _weighted_sum(base, total, deltas, weights)
+    if total == 0:
+        raise MergeError("linear: the weights (base_weight included) sum to 0")
+    return _weighted_sum(base, 1.0, deltas, [w / total for w in weights])
+
+
+def _weighted_sum(
+    base: torch.Tensor, base_coef: float, deltas: Sequence[torch.Tensor], coefs: Sequence[float]
+) -> torch.Tensor:
+    """base_coef·base + Σ coefs_i·δ_i into one fresh tensor, one pass per term."""
+    if base_coef == 1:
+        out = torch.add(base, deltas[0], alpha=coefs[0])
+    else:
+        out = torch.mul(base, base_coef).add_(deltas[0], alpha=coefs[0])
+    for delta, coef in zip(deltas[1:], coefs[1:], strict=True):
+        out.add_(delta, alpha=coef)
+    return out
+
+
+# --------------------------------------------------------------------------- slerp
+
+
+def slerp(
+    base: torch.Tensor,
+    donors: Sequence[torch.Tensor],
+    donor_params: Sequence[DonorParams],
+    params: Params,
+    **_: Any,
+) -> torch.Tensor:
+    """Spherical interpolation from the base (t = 0) to the one donor (t = 1), whole tensor.
+
+    As mergekit: the angle is that of the flattened tensors; norms below `epsilon` count as 1;
+    when |cos| > `dot_threshold` (near-collinear) it falls back to linear interpolation.
+    """
+    t = float(donor_params[0]["t"])
+    v0, v1 = base, donors[0]
+    if v0.numel() == 0:
+        return torch.lerp(v0, v1, t)
+    eps = float(params["epsilon"])
+    norm0 = float(torch.linalg.vector_norm(v0))
+    norm1 = float(torch.linalg.vector_norm(v1))
+    norm0 = norm0 if norm0 > eps else 1.0
+    norm1 = norm1 if norm1 > eps else 1.0
+    dot = float(torch.dot(v0.reshape(-1), v1.reshape(-1))) / (norm0 * norm1)
+    dot = min(1.0, max(-1.0, dot))
+    if abs(dot) > float(params["dot_threshold"]):
+        coef0, coef1 = 1 - t, t
+    else:
+        theta = torch.acos(torch.tensor(dot, dtype=torch.float64))
+        sin_theta = torch.sin(theta)
+        coef0 = float(torch.sin((1 - t) * theta) / sin_theta)
+        coef1 = float(torch.sin(t * theta) / sin_theta)
+    return torch.mul(v0, coef0).add_(v1, alpha=coef1)
+
+
+# --------------------------------------------------------------------------- nuslerp
+
+
+def nuslerp(
+    base: torch.Tensor,
+    deltas: Sequence[torch.Tensor],
+    donor_params: Sequence[DonorParams],
+    params: Params,
+    **_: Any,
+) -> torch.Tensor:
+    """mergekit's NuSLERP: slerp between two donors at t = w_1 / (w_0 + w_1) (0.5 if the sum ≈ 0).
+
+    With `use_base` (default) it interpolates the task vectors and adds the base (mergekit with a
+    base_model); without, it interpolates the full donor weights (base + δ_i; mergekit without a
+    base_model). `nuslerp_flatten` (default) takes one angle over the whole tensor; otherwise one
+    per row (`nuslerp_row_wise`: one per column, i.e. along dim 0). Exactly collinear pairs
+    interpolate linearly.
+    """
+    w0, w1 = (float(p["weight"]) for p in donor_params)
+    total = w0 + w1
+    t = 0.5 if abs(total) < 1e-6 else w1 / total
+    use_base = bool(params["use_base"])
+    v0, v1 = (deltas[0], deltas[1]) if use_base else (base + deltas[0], base + deltas[1])
+    shape = v0.shape
+    if params["nuslerp_flatten"]:
+        v0, v1 = v0.reshape(1, -1), v1.reshape(1, -1)
+    elif params["nuslerp_row_wise"]:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    norm0 = torch.linalg.vector_norm(v0, dim=-1, keepdim=True).clamp_(min=1e-7)
+    norm1 = torch.linalg.vector_norm(v1, dim=-1, keepdim=True).clamp_(min=1e-7)
+    cos = ((v0 * v1).sum(dim=-1, keepdim=True) / (norm0 * norm1)).clamp_(-1, 1)
+    collinear = (1 - cos.square()) <= 1e-16
+    theta = torch.acos(torch.where(collinear, 0, cos))
+    sin_theta = torch.sin(theta)
+    coef0 = torch.where(collinear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    coef1 = torch.where(collinear, t, torch.sin(t * theta) / sin_theta)
+    result = (v0 * coef0).add_(v1 * coef1)
+    if not params["nuslerp_flatten"] and params["nuslerp_row_wise"]:
+        result = result.transpose(0, -1)
+    result = result.reshape(shape)
+    return result.add_(base) if use_base else result
+
+
+# --------------------------------------------------------------------------- model stock
+
+
+def model_stock(
+    base: torch.Tensor,
+    deltas: Sequence[torch.Tensor],
+    donor_params: Sequence[DonorParams],
+    params: Params,
+    **_: Any,
+) -> torch.Tensor:
+    """Model Stock: base + t · mean(δ_i), t = N·cosθ / (1 + (N − 1)·cosθ).
+
+    cosθ is the mean pairwise cosine between task vectors: over the whole tensor, or with
+    `filter_wise` one per vector along the last dimension (a 1-D tensor is one vector), as
+    mergekit. Where the denominator is ≈ 0 (|·| < 1e-6) t = 0 and the base is kept, as mergekit.
+    mergekit writes it as t·mean(donors) + (1 − t)·base: the same value.
+    """
+    count = len(deltas)
+    shape = base.shape
+    if params["filter_wise"]:
+        rows = [d.reshape(1, -1) if d.dim() < 2 else d for d in deltas]
+    else:
+        rows = [d.reshape(1, -1) for d in deltas]
+    norms = [torch.linalg.vector_norm(r, dim=-1) for r in rows]
+    cosines = [
+        ((rows[i] * rows[j]).sum(dim=-1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
+        for i in range(count)
+        for j in range(i + 1, count)
+    ]
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    denominator = 1 + (count - 1) * cos
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, 0, count * cos / torch.where(singular, 1, denominator))
+    mean = torch.stack(rows).sum(dim=0).div_(count)
+    return mean.mul_(t).reshape(shape).add_(base)
+
+
+# --------------------------------------------------------------------------- karcher
+
+
+def karcher(
+    base: torch.Tensor,
+    donors: Sequence[torch.Tensor],
+    donor_params: Sequence[DonorParams],
+    params: Params,
+    **_: Any,
+) -> torch.Tensor:
+    """Karcher (Riemannian) mean of the weights on the unit sphere, scaled by their mean norm.
+
+    As mergekit: equal weights; each tensor is a point on the sphere (tensor / ‖tensor‖); the
+    mean starts at the normalized average and takes up to `max_iter` tangent steps, stopping when
+    the step is below `tol`; tensors of norm ≤ `tol` leave the direction alone. With `use_base`
+    (default) the base is one more point, listed last (mergekit with base_model set; without
+    base_model mergekit averages the donors only).
+    """
+    points = list(donors) + ([base] if params["use_base"] else [])
+    if len(points) == 1:
+        return points[0].clone()
+    max_iter, tol = int(params["max_iter"]), float(params["tol"])
+    alpha = 1.0 / len(points)
+    norms = [float(torch.linalg.vector_norm(p)) for p in points]
+    valid = [(p / n).reshape(-1) for p, n in zip(points, norms, strict=True) if n > tol]
+    if not valid:
+        return torch.zeros_like(base)
+    share = 1.0 / len(valid)
+    mean = torch.zeros_like(valid[0])
+    for unit in valid:
+        mean.add_(unit, alpha=share)
+    mean_norm = float(torch.linalg.vector_norm(mean))
+    mean = valid[0].clone() if mean_norm < tol else mean.div_(mean_norm)
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for unit in valid:
+            dot = min(1.0, max(-1.0, float(torch.dot(mean, unit))))
+            theta = torch.arccos(torch.tensor(dot, dtype=mean.dtype))
+            if float(theta) < tol:
+                continue
+            scale = float(share * theta / torch.sin(theta))
+            tangent.add_(unit, alpha=scale).add_(mean, alpha=-scale * dot)
+        step = float(torch.linalg.vector_norm(tangent))
+        if step < tol:
+            break
+        mean = torch.mul(mean, torch.cos(torch.tensor(step)).item()).add_(
+            tangent, alpha=torch.sin(torch.tensor(step)).item() / step
+        )
+        unit_norm = float(torch.linalg.vector_norm(mean))
+        if unit_norm > tol:
+            mean.div_(unit_norm)
+    return mean.mul_(sum(alpha * n for n in norms)).reshape(base.shape)
+
+
+# --------------------------------------------------------------------------- registry
+
+_WEIGHT = ParamDef("weight", None, doc="donor's weight in the sum")
+_DENSITY = ParamDef("density", 1.0, 0.0, 1.0, doc="fraction of the task vector kept")
+_GAMMA = ParamDef("gamma", 0.01, 0.0, 1.0, doc="fraction of largest-magnitude entries dropped")
+_EPSILON = ParamDef("epsilon", 0.15, 0.0, 1.0, doc="spread of keep probabilities over ranks")
+_LAMBDA = ParamDef("lambda", 1.0, doc="scale of the merged task vector")
+_INT8_MASK = ParamDef("int8_mask", False, kind="bool", doc="mergekit memory option; no effect")
+_RESCALE_MODE = ParamDef(
+    "rescale_mode",
+    "mergekit",
+    kind="str",
+    choices=sp.RESCALE_MODES,
+    doc="'mergekit': L1-norm ratio over the tensor; 'paper': kept entries / keep probability",
+)
+
+
+def _normalize(default: bool) -> ParamDef:
+    return ParamDef("normalize", default, kind="bool", doc="divide by the sum of the weights")
+
+
+def _rescale(default: bool) -> ParamDef:
+    return ParamDef("rescale", default, kind="bool", doc="rescale kept entries after sparsifying")
+
+
+def _task_arithmetic_spec(
+    name: str,
+    paper: str,
+    *,
+    consensus: str | None,
+    sparsification: str | None,
+    normalize: bool,
+    rescale: bool,
+) -> MethodSpec:
+    donor: tuple[ParamDef, ...] = (_WEIGHT, _DENSITY)
+    if sparsification == sp.MAGNITUDE_OUTLIERS:
+        donor += (_GAMMA,)
+    if sparsification == sp.RANK_MAGNITUDE_SAMPLING:
+        donor += (_EPSILON,)
+    return MethodSpec(
+        name=name,
+        inputs="deltas",
+        donor_params=donor,
+        method_params=(
+            _normalize(normalize),
+            _LAMBDA,
+            _rescale(rescale),
+            _RESCALE_MODE,
+            _INT8_MASK,
+        ),
+        min_donors=1,
+        max_donors=None,
+        random=sparsification in (sp.RANDOM, sp.RANK_MAGNITUDE_SAMPLING),
+        uses_base=True,
+        mergekit=name,
+        paper=paper,
+        fn=partial(task_arithmetic, consensus=consensus, sparsification=sparsification),
+        consensus=consensus,
+        sparsification=sparsification,
+    )
+
+
+_TASK_ARITHMETIC = "https://arxiv.org/abs/2212.04089"
+_TIES = "https://arxiv.org/abs/2306.01708"
+_DARE = "https://arxiv.org/abs/2311.03099"
+_BREADCRUMBS = "https://arxiv.org/abs/2312.06795"
+_DELLA = "https://arxiv.org/abs/2406.11617"
+
+_SPECS: list[MethodSpec] = [
+    MethodSpec(
+        name="linear",
+        inputs="deltas",
+        donor_params=(_WEIGHT,),
+        method_params=(
+            _normalize(True),
+            ParamDef("base_weight", 0.0, doc="the base's weight in the average"),
+        ),
+        min_donors=1,
+        max_donors=None,
+        random=False,
+        uses_base=True,
+        mergekit="linear",
+        paper="https://arxiv.org/abs/2203.05482",
+        fn=linear,
+    ),
+    _task_arithmetic_spec(
+        "task_arithmetic", _TASK_ARITHMETIC, consensus=None, sparsification=None,
+        normalize=False, rescale=False,
+    ),
+    _task_arithmetic_spec(
+        "ties", _TIES, consensus="sum", sparsification=sp.MAGNITUDE,
+        normalize=True, rescale=False,
+    ),
+    _task_arithmetic_spec(
+        "dare_ties", _DARE, consensus="sum", sparsification=sp.RANDOM,
+        normalize=False, rescale=True,
+    ),
+    _task_arithmetic_spec(
+        "dare_linear", _DARE, consensus=None, sparsification=sp.RANDOM,
+        normalize=False, rescale=True,
+    ),
+    _task_arithmetic_spec(
+        "breadcrumbs", _BREADCRUMBS, consensus=None, sparsification=sp.MAGNITUDE_OUTLIERS,
+        normalize=False, rescale=False,
+    ),
+    _task_arithmetic_spec(
+        "breadcrumbs_ties", _BREADCRUMBS, consensus="sum", sparsification=sp.MAGNITUDE_OUTLIERS,
+        normalize=False, rescale=False,
+    ),
+    _task_arithmetic_spec(
+        "della", _DELLA, consensus="sum", sparsification=sp.RANK_MAGNITUDE_SAMPLING,
+        normalize=True, rescale=True,
+    ),
+    _task_arithmetic_spec(
+        "della_linear", _DELLA, consensus=None, sparsification=sp.RANK_MAGNITUDE_SAMPLING,
+        normalize=False, rescale=True,
+    ),
+    MethodSpec(
+        name="slerp",
+        inputs="weights",
+        donor_params=(ParamDef("t", None, 0.0, 1.0, doc="0 = base, 1 = donor"),),
+        method_params=(
+            ParamDef("dot_threshold", 0.9995, 0.0, 1.0, doc="above: linear interpolation"),
+            ParamDef("epsilon", 1e-8, 0.0, doc="norms below count as 1"),
+        ),
+        min_donors=1,
+        max_donors=1,
+        random=False,
+        uses_base=True,
+        mergekit="slerp",
+        paper="https://doi.org/10.1145/325165.325242",
+        fn=slerp,
+    ),
+    MethodSpec(
+        name="nuslerp",
+        inputs="deltas",
+        donor_params=(_WEIGHT,),
+        method_params=(
+            ParamDef("nuslerp_flatten", True, kind="bool", doc="one angle for the whole tensor"),
+            ParamDef("nuslerp_row_wise", False, kind="bool", doc="angles along dim 0"),
+            ParamDef("use_base", True, kind="bool", doc="interpolate task vectors, not weights"),
+        ),
+        min_donors=2,
+        max_donors=2,
+        random=False,
+        uses_base=True,
+        mergekit="nuslerp",
+        paper="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
+        fn=nuslerp,
+    ),
+    MethodSpec(
+        name="model_stock",
+        inputs="deltas",
+        donor_params=(),
+        method_params=(
+            ParamDef("filter_wise", False, kind="bool", doc="one ratio per output row"),
+        ),
+        min_donors=2,
+        max_donors=None,
+        random=False,
+        uses_base=True,
+        mergekit="model_stock",
+        paper="https://arxiv.org/abs/2403.19522",
+        fn=model_stock,
+    ),
+    MethodSpec(
+        name="karcher",
+        inputs="weights",
+        donor_params=(),
+        method_params=(
+            ParamDef("max_iter", 10, 1, kind="int", doc="most tangent steps"),
+            ParamDef("tol", 1e-5, 0.0, doc="convergence and zero-norm tolerance"),
+            ParamDef("use_base", True, kind="bool", doc="the base is one more point"),
+        ),
+        min_donors=1,
+        max_donors=None,
+        random=False,
+        uses_base=True,
+        mergekit="karcher",
+        paper="https://arxiv.org/abs/2603.04972",
+        fn=karcher,
+    ),
+]
+
+METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in _SPECS}
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def get_spec(method: str) -> MethodSpec:
+    """The spec of `method`, or a MergeError naming the known methods."""
+    try:
+        return METHODS[method]
+    except KeyError:
+        raise MergeError(
+            f"unknown merge method {method!r}; known: {', '.join(METHODS)}"
+        ) from None
+
+
+def _resolve(defs: Sequence[ParamDef], given: Mapping[str, Any], where: str) -> dict[str, Any]:
+    known = {d.name for d in defs}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise MergeError(f"{where}: unknown parameter(s) {', '.join(unknown)}")
+    resolved = {}
+    for d in defs:
+        value = given.get(d.name, d.default)
+        if value is None:
+            raise MergeError(f"{where}: missing required parameter {d.name!r}")
+        resolved[d.name] = value
+    return resolved
+
+
+def resolve_donor_params(method: str, donor_params: Mapping[str, Any]) -> dict[str, Any]:
+    """One donor's parameters with defaults filled; MergeError on unknown or missing ones."""
+    spec = get_spec(method)
+    return _resolve(spec.donor_params, donor_params, f"{method} donor")
+
+
+def resolve_params(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Method-level parameters with defaults filled; MergeError on unknown or missing ones."""
+    spec = get_spec(method)
+    return _resolve(spec.method_params, params, method)
+
+
+def mask_is_deterministic(method: str) -> bool:
+    """Whether `sparsify_mask(method, ...)` depends only on the delta and the parameters.
+
+    True for methods without sparsification (the mask is None) and for magnitude-based ones
+    (ties, breadcrumbs, breadcrumbs_ties): the engine may cache those masks per (tensor, density,
+    gamma). False for DARE and DELLA, which draw a fresh mask from the generator every merge.
+    """
+    spec = get_spec(method)
+    return spec.sparsification is None or spec.sparsification in sp.DETERMINISTIC
+
+
+def sparsify_mask(
+    method: str,
+    delta: torch.Tensor,
+    donor_params: Mapping[str, Any],
+    params: Mapping[str, Any] | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor | None:
+    """Donor's boolean keep-mask (True = keep) for `method`, or None where nothing is dropped.
+
+    `donor_params` are that donor's parameters for this tensor (defaults filled here). `params`
+    is accepted for symmetry with `merge_tensor`; no sparsifier reads method-level parameters.
+    """
+    spec = get_spec(method)
+    if spec.sparsification is None:
+        return None
+    p = resolve_donor_params(method, donor_params)
+    return sp.sparsify_mask(
+        spec.sparsification,
+        delta,
+        density=float(p["density"]),
+        gamma=float(p.get("gamma", 0.01)),
+        epsilon=float(p.get("epsilon", 0.15)),
+        generator=generator,
+    )
+
+
+def merge_tensor(
+    method: str,
+    base: torch.Tensor,
+    donors: Sequence[torch.Tensor],
+    donor_params: Sequence[Mapping[str, float]],
+    params: Mapping[str, Any],
+    *,
+    generator: torch.Generator | None = None,
+    masks: Sequence[torch.Tensor | None] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Merge one tensor: `method` over the base and the donors, in `dtype`, cast to base's dtype.
+
+    Args:
+        method: a key of `METHODS`.
+        base: the base's tensor.
+        donors: task vectors (donor − base) when `METHODS[method].inputs == "deltas"`, else the
+            donors' full weights.
+        donor_params: per donor, its resolved parameters for this tensor (defaults filled here).
+        params: method-level parameters (defaults filled here).
+        generator: the random source of DARE and DELLA (the global one if None).
+        masks: optional precomputed keep-masks per donor (see `sparsify_mask`); None entries
+            are computed here.
+        dtype: the math dtype.
+
+    Returns:
+        A new tensor of base's shape and dtype; the inputs are left unchanged.
+
+    Example:
+        >>> import torch
+        >>> base = torch.zeros(3)
+        >>> deltas = [torch.tensor([1.0, -2.0, 0.5]), torch.tensor([1.0, 2.0, 0.0])]
+        >>> merge_tensor("ties", base, deltas, [{"weight": 1.0}] * 2, {}).tolist()
+        [1.0, 2.0, 0.5]
+    """
+    spec = get_spec(method)
+    n = len(donors)
+    if n < spec.min_donors or (spec.max_donors is not None and n > spec.max_donors):
+        bounds = (
+            f"exactly {spec.min_donors}"
+            if spec.max_donors == spec.min_donors
+            else f"at least {spec.min_donors}"
+            + (f" and at most {spec.max_donors}" if spec.max_donors is not None else "")
+        )
+        raise MergeError(f"{method} takes {bounds} donor(s), got {n}")
+    if len(donor_params) != n:
+        raise MergeError(f"{method}: {n} donors but {len(donor_params)} donor parameter sets")
+    if masks is not None and len(masks) != n:
+        raise MergeError(f"{method}: {n} donors but {len(masks)} masks")
+    for i, donor in enumerate(donors):
+        if donor.shape != base.shape:
+            raise MergeError(
+                f"{method}: donor {i} has shape {tuple(donor.shape)}, base {tuple(base.shape)}"
+            )
+    resolved_donors = [resolve_donor_params(method, p) for p in donor_params]
+    resolved = resolve_params(method, params)
+    result = spec.fn(
+        base.to(dtype),
+        [d.to(dtype) for d in donors],
+        resolved_donors,
+        resolved,
+        generator=generator,
+        masks=masks,
+    )
+    return result.to(base.dtype)
