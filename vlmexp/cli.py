@@ -12,7 +12,7 @@ import os
 import sys
 
 # One explicit list; the order is the order of `--help`.
-COMMANDS = ("inspect",)
+COMMANDS = ("inspect", "merge", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -239,7 +239,10 @@ class MergeEngine:
                     if tv is None:
                         raise MergeError(f"take.{comp}: donor {recipe.take[comp]!r} has no "
                                          f"tensor {name}")
-                    self._write(name, self._base[name].to(math_dtype) + tv)
+                    self._dirty.add(name)
+                    param = self._params[name].data
+                    param.copy_(self._base[name].to(math_dtype) + tv)
+                    self._check_finite(name)
                     written += 1
                     continue
                 donors = [d for d in recipe.participants(comp) if name in self.task_vectors[d]]
@@ -249,8 +252,9 @@ class MergeEngine:
                         self._dirty.discard(name)
                         written += 1
                     continue
-                self._write(name, self._merge_one(recipe, spec, params, info, donors,
-                                                  math_dtype, cache_masks))
+                self._dirty.add(name)
+                self._merge_one(recipe, spec, params, info, donors, math_dtype, cache_masks)
+                self._check_finite(name)
                 written += 1
                 merged += 1
         except MergeError:
@@ -293,16 +297,14 @@ class MergeEngine:
             base_m = base.to(math_dtype)
             inputs = [base_m + delta for delta in deltas]
         try:
-            return methods.merge_tensor(recipe.method, base, inputs, donor_params, params,
-                                        generator=generator, masks=masks, dtype=math_dtype)
+            methods.merge_tensor(recipe.method, base, inputs, donor_params, params,
+                                 generator=generator, masks=masks, dtype=math_dtype,
+                                 out=self._params[name].data)
         except MergeError as err:
             raise MergeError(f"{name}: {err}") from None
 
-    def _write(self, name: str, value: torch.Tensor) -> None:
-        self._dirty.add(name)
-        param = self._params[name].data
-        param.copy_(value)
-        if not bool(torch.isfinite(param).all()):
+    def _check_finite(self, name: str) -> None:
+        if not bool(torch.isfinite(self._params[name]).all()):
             raise MergeError(f"merged tensor {name} has NaN or inf values")
 
     def reset(self) -> None:

@@ -73,6 +73,7 @@ def task_arithmetic(
     sparsification: str | None = None,
     generator: torch.Generator | None = None,
     masks: Sequence[torch.Tensor | None] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """base + lambda · Σ w_i · sparsify(δ_i) [· sign-consensus mask] [/ normalizer].
 
@@ -96,7 +97,7 @@ def task_arithmetic(
         # One pass per donor: base + Σ (lambda·w_i / divisor)·δ_i, folded into the coefficients.
         divisor = sum(weights) if params["normalize"] else 1.0
         scale = lam / (divisor if abs(divisor) >= 1e-8 else 1.0)
-        return _weighted_sum(base, 1.0, deltas, [w * scale for w in weights])
+        return _weighted_sum(base, 1.0, deltas, [w * scale for w in weights], out=out)
 
     weighted = base.new_empty((len(deltas), *base.shape))
     for row, delta, weight in zip(weighted, deltas, weights, strict=True):
@@ -166,6 +167,7 @@ def linear(
     deltas: Sequence[torch.Tensor],
     donor_params: Sequence[DonorParams],
     params: Params,
+    out: torch.Tensor | None = None,
     **_: Any,
 ) -> torch.Tensor:
     """Weighted average of the base (weight `base_weight`) and the donors (weights w_i).
@@ -179,20 +181,21 @@ def linear(
     weights = [float(p["weight"]) for p in donor_params]
     total = float(params["base_weight"]) + sum(weights)
     if not params["normalize"]:
-        return _weighted_sum(base, total, deltas, weights)
+        return _weighted_sum(base, total, deltas, weights, out=out)
     if total == 0:
         raise MergeError("linear: the weights (base_weight included) sum to 0")
-    return _weighted_sum(base, 1.0, deltas, [w / total for w in weights])
+    return _weighted_sum(base, 1.0, deltas, [w / total for w in weights], out=out)
 
 
 def _weighted_sum(
-    base: torch.Tensor, base_coef: float, deltas: Sequence[torch.Tensor], coefs: Sequence[float]
+    base: torch.Tensor, base_coef: float, deltas: Sequence[torch.Tensor], coefs: Sequence[float],
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """base_coef·base + Σ coefs_i·δ_i into one fresh tensor, one pass per term."""
+    """base_coef·base + Σ coefs_i·δ_i, one pass per term, into `out` (or a fresh tensor)."""
     if base_coef == 1:
-        out = torch.add(base, deltas[0], alpha=coefs[0])
+        out = torch.add(base, deltas[0], alpha=coefs[0], out=out)
     else:
-        out = torch.mul(base, base_coef).add_(deltas[0], alpha=coefs[0])
+        out = torch.mul(base, base_coef, out=out).add_(deltas[0], alpha=coefs[0])
     for delta, coef in zip(deltas[1:], coefs[1:], strict=True):
         out.add_(delta, alpha=coef)
     return out
@@ -206,6 +209,7 @@ def slerp(
     donors: Sequence[torch.Tensor],
     donor_params: Sequence[DonorParams],
     params: Params,
+    out: torch.Tensor | None = None,
     **_: Any,
 ) -> torch.Tensor:
     """Spherical interpolation from the base (t = 0) to the one donor (t = 1), whole tensor.
@@ -231,7 +235,7 @@ def slerp(
         sin_theta = torch.sin(theta)
         coef0 = float(torch.sin((1 - t) * theta) / sin_theta)
         coef1 = float(torch.sin(t * theta) / sin_theta)
-    return torch.mul(v0, coef0).add_(v1, alpha=coef1)
+    return torch.mul(v0, coef0, out=out).add_(v1, alpha=coef1)
 
 
 # --------------------------------------------------------------------------- nuslerp
@@ -641,6 +645,7 @@ def merge_tensor(
     generator: torch.Generator | None = None,
     masks: Sequence[torch.Tensor | None] | None = None,
     dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Merge one tensor: `method` over the base and the donors, in `dtype`, cast to base's dtype.
 
@@ -655,9 +660,11 @@ def merge_tensor(
         masks: optional precomputed keep-masks per donor (see `sparsify_mask`); None entries
             are computed here.
         dtype: the math dtype.
+        out: where to write the result (base's shape; must not alias an input). Methods that
+            can accumulate straight into it do (saving a pass over memory); the others copy.
 
     Returns:
-        A new tensor of base's shape and dtype; the inputs are left unchanged.
+        `out` when given, else a new tensor of base's shape and dtype; inputs are unchanged.
 
     Example:
         >>> import torch
@@ -687,6 +694,7 @@ def merge_tensor(
             )
     resolved_donors = [resolve_donor_params(method, p) for p in donor_params]
     resolved = resolve_params(method, params)
+    direct = out if out is not None and out.dtype == dtype else None
     result = spec.fn(
         base.to(dtype),
         [d.to(dtype) for d in donors],
@@ -694,5 +702,10 @@ def merge_tensor(
         resolved,
         generator=generator,
         masks=masks,
+        out=direct,
     )
+    if out is not None:
+        if result is not out:
+            out.copy_(result)
+        return out
     return result.to(base.dtype)

@@ -1,0 +1,117 @@
+"""`python -m vlmexp inspect MODEL [OTHER] [--json]`: a model's layout, and how another aligns.
+
+MODEL and OTHER are model folders (opened with `vlmexp.checkpoint.open_model`, safetensors only)
+or `tiny:NAME`, a built-in tiny random model from `vlmexp.zoo.tiny` (nothing on disk needed).
+
+Example:
+    $ python -m vlmexp inspect tiny:llava tiny:llama
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import TYPE_CHECKING, Any
+
+from vlmexp.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+    from vlmexp.layout import Alignment, Layout
+
+TINY_PREFIX = "tiny:"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "inspect", help="show a model's components and blocks; with OTHER, how it aligns",
+        description=__doc__.splitlines()[0])
+    p.add_argument("model", metavar="MODEL", help="model folder or tiny:NAME")
+    p.add_argument("other", metavar="OTHER", nargs="?",
+                   help="a second model (donor): report whether and how it aligns with MODEL")
+    p.add_argument("--vocab", choices=("error", "common_rows"), default="error",
+                   help="when vocabulary sizes differ: refuse (default) or share the common rows")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(run=run)
+
+
+def load(spec: str) -> torch.nn.Module:
+    """The model named by `spec`: `tiny:NAME` builds a tiny random one, else a folder is opened."""
+    if spec.startswith(TINY_PREFIX):
+        from vlmexp.zoo.tiny import BUILDERS, build
+
+        name = spec[len(TINY_PREFIX):]
+        if name not in BUILDERS:
+            raise CheckpointError(f"unknown tiny model {spec!r}; known: "
+                                  + ", ".join(TINY_PREFIX + n for n in BUILDERS))
+        return build(name)
+    from vlmexp.checkpoint import open_model
+
+    return open_model(spec, load_processor=False).model
+
+
+def layout_dict(spec: str, layout: Layout) -> dict[str, Any]:
+    return {
+        "model": spec,
+        "architecture": layout.architecture,
+        "components": layout.summary(),
+        "other": layout.other,
+        "ties": {k: list(v) for k, v in layout.ties.items()},
+        "buffers": layout.buffers,
+        "modules": layout.modules,
+        "projector": layout.projector,
+        "params": {n: {"component": p.component, "block": p.block, "depth": p.depth,
+                       "shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch."),
+                       "ties": list(p.ties)}
+                   for n, p in layout.params.items()},
+    }
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_layout(spec: str, layout: Layout) -> str:
+    lines = [f"{spec}: {layout.architecture}",
+             f"  {'component':<10} {'blocks':>6} {'tensors':>8} {'parameters':>12}  "
+             f"{'dtype':<10} {'bytes':>10}  module"]
+    for comp, s in layout.summary().items():
+        where = layout.modules.get(comp, "")
+        if comp == "projector":
+            where = ", ".join(layout.projector)
+        lines.append(f"  {comp:<10} {s['blocks']:>6} {s['tensors']:>8} {s['parameters']:>12,}  "
+                     f"{','.join(s['dtypes']) or '-':<10} {_size(s['bytes']):>10}  {where}")
+    for name, ties in layout.ties.items():
+        lines.append(f"  tied: {name} = {', '.join(ties)}")
+    lines.append(f"  other: {', '.join(layout.other) if layout.other else 'none'}")
+    if layout.buffers:
+        lines.append(f"  persistent buffers (not merged): {', '.join(layout.buffers)}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vlmexp.layout import align, discover
+
+    model = load(args.model)
+    layouts = [(args.model, discover(model))]
+    alignment: Alignment | None = None
+    if args.other is not None:
+        other = load(args.other)
+        layouts.append((args.other, discover(other)))
+        alignment = align(model, other, vocab=args.vocab)
+    if args.json:
+        out: dict[str, Any] = {"models": [layout_dict(s, lay) for s, lay in layouts]}
+        if alignment is not None:
+            out["alignment"] = alignment.to_dict()
+        print(json.dumps(out, indent=2))
+    else:
+        print("\n\n".join(format_layout(s, lay) for s, lay in layouts))
+        if alignment is not None:
+            print()
+            print(alignment.describe())
+    return 0
