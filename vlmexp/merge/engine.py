@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -39,7 +40,7 @@ from vlmexp.merge.recipe import ModelRef, Recipe
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64,
            "bfloat16": torch.bfloat16, "float16": torch.float16}
-DIGEST_SCHEME = "isum1"
+DIGEST_SCHEME = "isum2"
 
 
 @dataclass
@@ -304,8 +305,12 @@ class MergeEngine:
             raise MergeError(f"{name}: {err}") from None
 
     def _check_finite(self, name: str) -> None:
-        if not bool(torch.isfinite(self._params[name]).all()):
-            raise MergeError(f"merged tensor {name} has NaN or inf values")
+        # A float sum is a vectorised pass and NaN/inf propagate through it; only when it is not
+        # finite (or overflowed) does the slower elementwise check decide.
+        param = self._params[name].detach()
+        if param.is_floating_point() and not math.isfinite(float(param.sum())):
+            if not bool(torch.isfinite(param).all()):
+                raise MergeError(f"merged tensor {name} has NaN or inf values")
 
     def reset(self) -> None:
         """Give every parameter the base's weights back."""
@@ -316,16 +321,15 @@ class MergeEngine:
     def weights_digest(self) -> str:
         """A cheap digest of the live weights, computed on the device.
 
-        Per tensor, the exact int64 sum of its raw bits (order-free, so independent of thread
-        count) and of every 7th element's bits; then sha256 over names, shapes and those sums.
-        Identical weights give identical digests; any change of a value changes its tensor's sum.
+        Per tensor, the sum of its raw bits read as 64-bit integers (wrapping, so exact and
+        independent of summation order and thread count) and the same over every 7th word; then
+        sha256 over names, shapes, dtypes and those sums. Identical weights give identical
+        digests; changing any value changes its tensor's sum.
         """
         sums = []
         for name in self.layout.params:
-            t = self._params[name].detach()
-            bits = _bits(t).reshape(-1)
-            sums.append(torch.stack([bits.sum(dtype=torch.int64),
-                                     bits[::7].sum(dtype=torch.int64)]))
+            words = _words(self._params[name].detach())
+            sums.append(torch.stack([words.sum(), words[::7].sum()]))
         values = torch.stack(sums).cpu().tolist() if sums else []
         h = hashlib.sha256()
         for (name, info), pair in zip(self.layout.params.items(), values, strict=True):
@@ -350,9 +354,13 @@ class MergeEngine:
         return {name: self._params[name].detach() for name in self.layout.params}
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    view = {4: torch.int32, 2: torch.int16, 8: torch.int64, 1: torch.int8}[t.element_size()]
-    return t.contiguous().view(view)
+def _words(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as int64 words (a vectorised sum), or wider ints when they don't fit."""
+    flat = t.contiguous().reshape(-1)
+    if (flat.numel() * flat.element_size()) % 8 == 0:
+        return flat.view(torch.int64)
+    kind = {4: torch.int32, 2: torch.int16, 8: torch.int64, 1: torch.int8}[flat.element_size()]
+    return flat.view(kind).to(torch.int64)
 
 
 def _tensor_seed(seed: int, name: str) -> int:

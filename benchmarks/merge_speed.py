@@ -1,0 +1,165 @@
+"""Merge speed: `MergeEngine.apply` against the memory bandwidth bound, and against mergekit's route.
+
+Builds a synthetic LLaVA-shaped model (float32, about 280M parameters by default) and two donors
+(the base plus seeded noise), then prints, from this one run:
+
+1. copy bandwidth (1 GiB float32 tensors), measured here;
+2. for task_arithmetic, ties (masks cached) and slerp: the apply time and its fraction of the
+   bandwidth bound = (bytes the merge must read and write) / bandwidth;
+3. recipe → evaluable in-memory model: vlmexp's apply against mergekit's route (`mergekit-yaml`
+   to a folder, then `from_pretrained`) for the same task_arithmetic recipe.
+
+Goals (issue 3): task_arithmetic >= 80 %, ties >= 40 %, slerp >= 30 % of the bound; >= 60x
+faster than mergekit's route. Not a test: these machines are noisy, so compare within one run.
+
+Usage:
+    python benchmarks/merge_speed.py [--scale 1.0] [--repeats 3] [--skip-mergekit]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def llava_shaped(scale: float) -> torch.nn.Module:
+    """A LLaVA with CLIP-B-like vision and a 12-layer 1024-wide Llama (about 280M parameters)."""
+    import transformers as tf
+
+    width = int(1024 * scale) // 64 * 64
+    cfg = tf.LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=768, intermediate_size=3072,
+                           num_hidden_layers=12, num_attention_heads=12, image_size=224,
+                           patch_size=16, projection_dim=768),
+        text_config=dict(model_type="llama", vocab_size=32000, hidden_size=width,
+                         intermediate_size=int(width * 2.75), num_hidden_layers=12,
+                         num_attention_heads=16, num_key_value_heads=16),
+        image_token_index=31999, vision_feature_layer=-1,
+    )
+    torch.manual_seed(0)
+    return tf.LlavaForConditionalGeneration(cfg).eval()
+
+
+def noisy_copy(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    import copy
+
+    other = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn(p.shape, generator=g), alpha=0.01)
+    return other
+
+
+def copy_bandwidth(repeats: int) -> float:
+    """Bytes per second of `dst.copy_(src)` (read + write counted) on 1 GiB float32 tensors."""
+    src = torch.randn(1 << 28)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
+    return 2 * src.numel() * 4 / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def recipe_dict(method: str, base: str, donors: list[str]) -> dict:
+    comps = ("vision", "projector", "language", "embed", "head")
+    if method == "slerp":
+        per = {c: {"d1": {"t": 0.4}} for c in comps}
+        donors = donors[:1]
+    elif method == "ties":
+        per = {c: {"d1": {"weight": 0.7, "density": 0.5}, "d2": {"weight": 0.4, "density": 0.5}}
+               for c in comps}
+    else:
+        per = {c: {"d1": {"weight": 0.7}, "d2": {"weight": 0.4}} for c in comps}
+    return {"vlmexp_recipe": 1, "method": method, "base": {"path": base},
+            "donors": [{"name": f"d{i + 1}", "path": p} for i, p in enumerate(donors)],
+            "components": per}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scale", type=float, default=1.0, help="language model width factor")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-mergekit", action="store_true")
+    args = ap.parse_args()
+
+    from vlmexp.merge.engine import MergeEngine
+    from vlmexp.merge.recipe import Recipe
+
+    threads = torch.get_num_threads()
+    bandwidth = copy_bandwidth(args.repeats)
+    base = llava_shaped(args.scale)
+    n = sum(p.numel() for p in base.parameters())
+    print(f"model: {n / 1e6:.0f}M float32 parameters, {threads} threads")
+    print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write, 1 GiB tensors)")
+    d1, d2 = noisy_copy(base, 1), noisy_copy(base, 2)
+    engine = MergeEngine(base, {"d1": d1, "d2": d2}, progress=False)
+
+    # bytes per element the merge must read and write
+    must_move = {"task_arithmetic": 4 * 4, "ties": 4 * 4 + 2 * 1, "slerp": 3 * 4}
+    goals = {"task_arithmetic": 0.80, "ties": 0.40, "slerp": 0.30}
+    print(f"{'method':<16}{'apply s':>9}{'bound s':>9}{'of bound':>10}{'goal':>7}"
+          f"{'digest s':>10}")
+    for method in ("task_arithmetic", "ties", "slerp"):
+        recipe = Recipe.from_dict(recipe_dict(method, "base", ["d1", "d2"]))
+        first = engine.apply(recipe)  # ties: computes and caches its masks
+        runs = [engine.apply(recipe) for _ in range(args.repeats)]
+        best = min(r.seconds for r in runs)
+        digest = min(r.digest_seconds for r in runs)
+        assert all(r.weights_digest == first.weights_digest for r in runs)
+        bound = n * must_move[method] / bandwidth
+        print(f"{method:<16}{best:>9.3f}{bound:>9.3f}{bound / best:>9.0%}"
+              f"{goals[method]:>7.0%}{digest:>10.3f}")
+    apply_s = min(engine.apply(Recipe.from_dict(recipe_dict("task_arithmetic", "base",
+                                                            ["d1", "d2"]))).seconds
+                  for _ in range(args.repeats))
+    if args.skip_mergekit or shutil.which("mergekit-yaml") is None:
+        print("mergekit route: skipped")
+        return 0
+    tmp = Path(tempfile.mkdtemp(prefix="merge_speed-"))
+    try:
+        for name, model in (("base", engine.model), ("d1", d1), ("d2", d2)):
+            if name == "base":
+                engine.reset()
+            model.save_pretrained(tmp / name, save_original_format=False)
+        del d1, d2
+        from vlmexp.commands.export import mergekit_config
+
+        recipe = Recipe.from_dict(recipe_dict("task_arithmetic", str(tmp / "base"),
+                                              [str(tmp / "d1"), str(tmp / "d2")]))
+        (tmp / "mk.yaml").write_text(yaml.safe_dump(mergekit_config(recipe)))
+        from transformers import AutoModelForImageTextToText
+
+        t0 = time.perf_counter()
+        subprocess.run(["mergekit-yaml", str(tmp / "mk.yaml"), str(tmp / "out")], check=True,
+                       capture_output=True)
+        t1 = time.perf_counter()
+        AutoModelForImageTextToText.from_pretrained(tmp / "out")
+        t2 = time.perf_counter()
+        route = t2 - t0
+        print(f"mergekit route: mergekit-yaml {t1 - t0:.2f} s + from_pretrained {t2 - t1:.2f} s"
+              f" = {route:.2f} s; vlmexp apply {apply_s:.3f} s; {route / apply_s:.0f}x faster"
+              f" (goal 60x)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
