@@ -32,3 +32,18 @@ def tiny():
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_processor():
+    """`tiny_processor(name)` returns the session's tiny processor for the tiny VLM `name`."""
+    from vlmexp.zoo.tiny_processors import build_processor
+
+    cache: dict[str, object] = {}
+
+    def get(name: str) -> object:
+        if name not in cache:
+            cache[name] = build_processor(name)
+        return cache[name]
+
+    return get

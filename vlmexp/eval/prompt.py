@@ -15,7 +15,8 @@ def image_prompt(processor: Any, question: str) -> str:
     """The prompt text (with the processor's image placeholder, unexpanded) for one image question.
 
     Uses the processor's chat template when it has one, else `"<image>\\n{question}\\nAnswer:"`
-    with the processor's own image token.
+    with the processor's own image token (wrapped in its `vision_start_token` / `vision_end_token`
+    when it has both, as Qwen-VL's image pads must be).
 
     Example:
         >>> class P:  # a processor without a chat template
@@ -29,4 +30,8 @@ def image_prompt(processor: Any, question: str) -> str:
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
         ]
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return f"{processor.image_token}\n{question}\nAnswer:"
+    image = processor.image_token
+    start, end = (getattr(processor, k, None) for k in ("vision_start_token", "vision_end_token"))
+    if isinstance(start, str) and isinstance(end, str):
+        image = f"{start}{image}{end}"
+    return f"{image}\n{question}\nAnswer:"

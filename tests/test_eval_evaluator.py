@@ -1,0 +1,146 @@
+"""Evaluator: metrics, objectives, per-item scores, growing subsets, the `evaluate` command."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlmexp.cli import main
+from vlmexp.errors import EvalError
+from vlmexp.eval.evaluator import EvalResult, Evaluator
+from vlmexp.eval.prompt import ANSWER_PREFIX, image_prompt
+from vlmexp.eval.scorer import encode_continuation, encode_prefix, score_continuations_naive
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "evals" / "examples"
+OBJECTIVES = {"vl": {"example_shapes_jsonl": 3.0, "example_mmbench_tsv": 1.0},
+              "text": {"example_next_item": 1.0}, "captions": {"example_captions": 1.0}}
+
+
+@pytest.fixture(scope="module")
+def evaluator(tiny_processor):
+    cfg = {"tasks": ["shapes_jsonl.yaml", "mmbench_tsv.yaml", "captions.yaml", "next_item_lmeval.yaml"],
+           "objectives": OBJECTIVES, "batch_size": 3}
+    return Evaluator.from_config(cfg, tiny_processor("llava"), base_dir=EXAMPLES)
+
+
+@pytest.fixture(scope="module")
+def result(evaluator, tiny) -> EvalResult:
+    return evaluator.evaluate(tiny("llava"))
+
+
+def test_metrics_and_objectives(result, evaluator):
+    assert set(result.metrics) == {"example_shapes_jsonl", "example_mmbench_tsv", "example_captions",
+                                   "example_next_item"}
+    for task, items in result.items.items():
+        metric = evaluator.tasks[task].primary_metric
+        assert len(items) == len(evaluator.subset(task))
+        assert result.metrics[task][metric] == pytest.approx(sum(i.correct for i in items) / len(items))
+    m = result.metrics
+    assert result.objectives["vl"] == pytest.approx(
+        (3 * m["example_shapes_jsonl"]["acc"] + m["example_mmbench_tsv"]["acc"]) / 4)
+    assert result.objectives["captions"] == m["example_captions"]["recall@1"]
+    assert result.objectives["text"] == m["example_next_item"]["acc"]
+    assert set(result.seconds) == set(result.metrics) | {"total"}
+    json.dumps(result.to_json())  # JSON-ready
+
+
+def test_items_carry_choice_scores_and_margin(result, evaluator, tiny, tiny_processor):
+    model, proc = tiny("llava"), tiny_processor("llava")
+    task = evaluator.tasks["example_shapes_jsonl"]
+    for score in result.items["example_shapes_jsonl"]:
+        item = task.items[score.index]
+        prefix = encode_prefix(proc, item.load_image(), image_prompt(proc, item.question))
+        conts = [encode_continuation(proc, ANSWER_PREFIX + c) for c in item.choices]
+        naive = [s.logprob for s in score_continuations_naive(model, prefix, conts)]
+        assert score.scores == pytest.approx(naive, abs=1e-4)
+        gold = item.choices.index(item.answer)
+        assert score.answer == item.answer
+        assert score.chosen == item.choices[max(range(4), key=naive.__getitem__)]
+        assert score.margin == pytest.approx(naive[gold] - max(naive[:gold] + naive[gold + 1:]), abs=1e-4)
+        assert score.correct == (score.chosen == item.answer) == (score.margin > 0)
+    for score in result.items["example_next_item"]:
+        assert len(score.scores) == 3 and score.correct == (score.chosen == score.answer)
+
+
+def test_growing_subsets_and_task_filter(evaluator, result, tiny):
+    model = tiny("llava")
+    head = evaluator.evaluate(model, tasks=["example_shapes_jsonl", "example_next_item"], stop=2)
+    tail = evaluator.evaluate(model, tasks=["example_shapes_jsonl", "example_next_item"], start=2)
+    assert set(head.metrics) == {"example_shapes_jsonl", "example_next_item"}
+    assert set(head.objectives) == {"vl", "text"}  # vl from its one task present
+    assert head.objectives["vl"] == head.metrics["example_shapes_jsonl"]["acc"]
+    for task in ("example_shapes_jsonl", "example_next_item"):
+        subset = evaluator.subset(task)
+        assert {i.index for i in head.items[task]} == set(subset[:2])
+        assert {i.index for i in tail.items[task]} == set(subset[2:])
+        full = {i.index: i.scores for i in result.items[task]}
+        for part in (head, tail):
+            for i in part.items[task]:
+                assert i.scores == pytest.approx(full[i.index], abs=1e-5)
+        assert len(head.items[task]) + len(tail.items[task]) == len(subset)
+    with pytest.raises(EvalError, match="empty subset"):
+        evaluator.evaluate(model, start=100)
+    with pytest.raises(EvalError, match="unknown task 'nope'"):
+        evaluator.evaluate(model, tasks=["nope"])
+
+
+def test_in_place_change_moves_every_metric(evaluator, result, tiny):
+    model = copy.deepcopy(tiny("llava"))
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(-1.0)
+    flipped = evaluator.evaluate(model)
+    for task in result.items:
+        a = torch.tensor([s.scores for s in result.items[task]])
+        b = torch.tensor([s.scores for s in flipped.items[task]])
+        assert (a - b).abs().min() > 1e-3, task
+
+
+def test_config_errors(tiny_processor):
+    with pytest.raises(EvalError, match="names unknown task 'nope'"):
+        Evaluator.from_config({"tasks": ["shapes_jsonl.yaml"], "objectives": {"x": {"nope": 1}}},
+                              tiny_processor("llava"), base_dir=EXAMPLES)
+    with pytest.raises(EvalError, match="no 'tasks'"):
+        Evaluator.from_config({}, tiny_processor("llava"))
+
+
+def test_cli_evaluate(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    code = main(["evaluate", "tiny:qwen2_vl", "--tasks", str(EXAMPLES / "shapes_jsonl.yaml"),
+                 str(EXAMPLES / "captions.yaml"), "--out", str(out), "--stop", "3"])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert set(data["metrics"]) == {"example_shapes_jsonl", "example_captions"}
+    assert len(data["items"]["example_shapes_jsonl"]) == 3
+    printed = capsys.readouterr().out
+    assert "example_shapes_jsonl" in printed and "objective" in printed
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(f"tasks: [{EXAMPLES / 'shapes_jsonl.yaml'}]\nobjectives: {{vl: {{example_shapes_jsonl: 1}}}}\n")
+    assert main(["evaluate", "tiny:gemma3", "--eval-config", str(cfg), "--out", str(out)]) == 0
+    assert set(json.loads(out.read_text())["objectives"]) == {"vl"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: bad\nkind: image_choice\nsource: {type: jsonl, path: none.jsonl}\n")
+    out.unlink()
+    capsys.readouterr()
+    assert main(["evaluate", "tiny:llava", "--tasks", str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "bad.yaml: data file 'none.jsonl' not found" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
+def test_cli_evaluates_saved_checkpoint(name, tmp_path, tiny, tiny_processor, capsys):
+    """A saved checkpoint (model + processor files) scores exactly as the in-memory model."""
+    from vlmexp.checkpoint import save_model
+
+    folder = save_model(tiny(name), tmp_path / name, processor=tiny_processor(name))
+    task = str(EXAMPLES / "shapes_jsonl.yaml")
+    assert main(["evaluate", str(folder), "--tasks", task, "--out", str(tmp_path / "a.json")]) == 0
+    assert main(["evaluate", f"tiny:{name}", "--tasks", task, "--out", str(tmp_path / "b.json")]) == 0
+    a = json.loads((tmp_path / "a.json").read_text())["items"]["example_shapes_jsonl"]
+    b = json.loads((tmp_path / "b.json").read_text())["items"]["example_shapes_jsonl"]
+    assert torch.allclose(torch.tensor([x["scores"] for x in a]), torch.tensor([x["scores"] for x in b]),
+                          atol=1e-5)

@@ -1,0 +1,178 @@
+"""Task YAML loading: every source kind of `evals/examples/`, subsets, and one-line errors."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+
+from vlmexp.errors import EvalError
+from vlmexp.eval.tasks import load_task, load_tasks
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "evals" / "examples"
+
+
+def test_jsonl_example():
+    task = load_task(EXAMPLES / "shapes_jsonl.yaml")
+    assert (task.name, task.kind, task.primary_metric) == ("example_shapes_jsonl", "image_choice", "acc")
+    assert len(task.items) == 8
+    first = task.items[0]
+    assert first.choices == ("red", "green", "blue", "yellow") and first.answer == "red"
+    assert first.question == "What colour is the shape?"
+    img = first.load_image()
+    assert img.size == (32, 32)
+    assert img.getpixel((16, 16)) == (220, 30, 30)  # the red of make_examples.py
+    # seeded shuffle, then the first 6: deterministic, a permutation prefix, not the first 6 rows
+    subset = task.subset_indices()
+    assert subset == load_task(EXAMPLES / "shapes_jsonl.yaml").subset_indices()
+    assert len(subset) == 6 and len(set(subset)) == 6 and subset != list(range(6))
+
+
+def test_datasets_example_maps_columns_and_index_answers():
+    task = load_task(EXAMPLES / "shapes_datasets.yaml")
+    rows = [json.loads(line) for line in (EXAMPLES / "shapes_ds.json").read_text().splitlines()]
+    assert len(task.items) == len(rows) == 8
+    for item, row in zip(task.items, rows, strict=True):
+        assert item.choices == tuple(row["opts"])
+        assert item.answer == row["opts"][row["ans"]]
+        assert item.question == row["q"]
+    assert task.items[0].load_image().size == (32, 32)
+    assert task.subset_indices() == list(range(8))  # no subset: all rows, in order
+
+
+def test_tsv_example_base64_and_letters():
+    task = load_task(EXAMPLES / "mmbench_tsv.yaml")
+    assert len(task.items) == 6
+    jsonl = load_task(EXAMPLES / "shapes_jsonl.yaml")
+    for item, ref in zip(task.items, jsonl.items, strict=False):
+        assert item.choices == ("red", "green", "blue", "yellow")
+        assert item.answer == ref.answer  # the letter resolved to the same colour
+        assert isinstance(item.image, bytes)
+    assert task.items[0].load_image().getpixel((16, 16)) == (220, 30, 30)
+
+
+def test_caption_retrieval_distractors():
+    task = load_task(EXAMPLES / "captions.yaml")
+    assert task.primary_metric == "recall@1"
+    captions = {json.loads(x)["caption"] for x in (EXAMPLES / "captions.jsonl").read_text().splitlines()}
+    for item in task.items:
+        assert len(item.choices) == 4 and len(set(item.choices)) == 4
+        assert item.answer in item.choices and set(item.choices) <= captions
+        assert item.question == "Describe the image."
+    again = load_task(EXAMPLES / "captions.yaml")
+    assert [i.choices for i in again.items] == [i.choices for i in task.items]
+
+
+def test_lm_eval_example_and_load_tasks_folder():
+    task = load_task(EXAMPLES / "next_item_lmeval.yaml")
+    assert task.kind == "lm_eval" and task.lm_eval_task == "example_next_item"
+    assert task.include_path == (EXAMPLES / "lm_eval").resolve()
+    assert task.subset_indices(8) == task.subset_indices(8) and len(task.subset_indices(8)) == 6
+    names = [t.name for t in load_tasks([EXAMPLES])]
+    assert sorted(names) == ["example_captions", "example_mmbench_tsv", "example_next_item",
+                             "example_shapes_datasets", "example_shapes_jsonl"]
+
+
+# --- errors: one line naming file (and row) ----------------------------------------------------
+
+def _write(folder: Path, rows: list[dict], yaml_extra: str = "", name: str = "t") -> Path:
+    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = folder / f"{name}.yaml"
+    path.write_text(f"task: {name}\nversion: 1\nkind: image_choice\n"
+                    f"source: {{type: jsonl, path: data.jsonl}}\n{yaml_extra}")
+    return path
+
+
+def _row(**kw) -> dict:
+    row = {"image": str(EXAMPLES / "images" / "0000.png"), "question": "q?",
+           "choices": ["red", "blue"], "answer": "red"}
+    return {**row, **kw}
+
+
+def _one_line(err: pytest.ExceptionInfo) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_error_missing_image(tmp_path):
+    path = _write(tmp_path, [_row(), _row(image="images/nope.png")])
+    with pytest.raises(EvalError) as err:
+        load_task(path)
+    msg = _one_line(err)
+    assert "data.jsonl, row 1" in msg and "nope.png" in msg and "not found" in msg
+
+
+def test_error_mapped_column_missing(tmp_path):
+    path = _write(tmp_path, [_row()], "  # \n")
+    path.write_text(path.read_text().replace("path: data.jsonl}", "path: data.jsonl, columns: {question: q}}"))
+    with pytest.raises(EvalError) as err:
+        load_task(path)
+    msg = _one_line(err)
+    assert "row 0" in msg and "'q'" in msg and "not in the data" in msg
+
+
+def test_error_answer_not_among_choices(tmp_path):
+    path = _write(tmp_path, [_row(), _row(), _row(answer="purple")])
+    with pytest.raises(EvalError) as err:
+        load_task(path)
+    msg = _one_line(err)
+    assert "row 2" in msg and "'purple'" in msg and "not among the choices" in msg
+
+
+def test_error_empty_subset(tmp_path):
+    with pytest.raises(EvalError, match="empty subset"):
+        load_task(_write(tmp_path, [_row()], "subset: {size: 0, seed: 0}\n"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EvalError, match="empty subset") as err:
+        load_task(_write(tmp_path / "empty", []))
+    assert "t.yaml" in _one_line(err)
+
+
+def test_error_broken_base64(tmp_path):
+    good = base64.b64encode((EXAMPLES / "images" / "0000.png").read_bytes()).decode()
+    (tmp_path / "m.tsv").write_text(
+        "index\timage\tquestion\tA\tB\tanswer\n"
+        f"0\t{good}\tq?\tred\tblue\tA\n"
+        "1\tnot*base64!!\tq?\tred\tblue\tB\n")
+    path = tmp_path / "m.yaml"
+    path.write_text("task: m\nkind: image_choice\nsource: {type: tsv, path: m.tsv}\n")
+    with pytest.raises(EvalError) as err:
+        load_task(path)
+    msg = _one_line(err)
+    assert "m.tsv, row 1" in msg and "broken base64 image" in msg
+    # valid base64 of bytes that are no image is broken too
+    bad = base64.b64encode(b"hello, not a png").decode()
+    (tmp_path / "m.tsv").write_text("index\timage\tquestion\tA\tB\tanswer\n"
+                                    f"0\t{bad}\tq?\tred\tblue\tA\n")
+    with pytest.raises(EvalError, match="row 0: broken base64 image"):
+        load_task(path)
+
+
+def test_error_bad_kind_and_duplicate_names(tmp_path):
+    path = tmp_path / "k.yaml"
+    path.write_text("task: k\nkind: vqa\n")
+    with pytest.raises(EvalError, match="k.yaml: kind 'vqa' is not one of"):
+        load_task(path)
+    a = _write(tmp_path, [_row()], name="dup")
+    with pytest.raises(EvalError, match="already defined"):
+        load_tasks([a, a])
+
+
+def test_caption_list_rows_and_parquet_source(tmp_path):
+    import datasets
+
+    img = str(EXAMPLES / "images" / "0001.png")
+    (tmp_path / "c.jsonl").write_text(json.dumps(
+        {"image": img, "captions": ["a cat", "a yellow circle", "a dog"], "answer": "a yellow circle"}) + "\n")
+    (tmp_path / "c.yaml").write_text("task: c\nkind: caption_retrieval\nsource: {type: jsonl, path: c.jsonl}\n")
+    item = load_task(tmp_path / "c.yaml").items[0]
+    assert item.choices == ("a cat", "a yellow circle", "a dog") and item.answer == "a yellow circle"
+    datasets.Dataset.from_list([{"image": img, "question": "q?", "choices": ["a", "b"], "answer": 1}]
+                               ).to_parquet(str(tmp_path / "d.parquet"))
+    (tmp_path / "d.yaml").write_text("task: d\nkind: image_choice\nsource: {type: datasets, path: parquet, "
+                                     "data_files: d.parquet, split: train}\n")
+    item = load_task(tmp_path / "d.yaml").items[0]
+    assert (item.choices, item.answer, item.question) == (("a", "b"), "b", "q?")

@@ -1,0 +1,170 @@
+"""`python -m vlmexp evaluate MODEL [--tasks ...] [--eval-config FILE] [--out FILE.json]`.
+
+Scores a model on evaluation tasks (image-text and lm-eval), prints a table per task and per
+objective and writes the same, with per-item results, as JSON. MODEL is a checkpoint folder
+(opened with `vlmexp.checkpoint.open_model`) or `tiny:NAME` (a tiny random model with its tiny
+processor). Tasks come from `--tasks` (YAML files or folders) or from `--eval-config`, a YAML with
+`tasks`, `objectives` and `batch_size` (paths relative to that file).
+
+Example:
+    $ python -m vlmexp evaluate tiny:llava --tasks evals/examples --out eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vlmexp.errors import CheckpointError, EvalError
+
+if TYPE_CHECKING:
+    import torch
+
+    from vlmexp.eval.evaluator import EvalResult, Evaluator
+
+TINY_PREFIX = "tiny:"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="score a model on evaluation tasks and objectives",
+        description=__doc__.splitlines()[0])
+    p.add_argument("model", metavar="MODEL", help="model folder or tiny:NAME")
+    p.add_argument("--tasks", nargs="+", metavar="TASK", help="task YAML files or folders")
+    p.add_argument("--eval-config", metavar="FILE",
+                   help="YAML with tasks, objectives, batch_size (paths relative to it)")
+    p.add_argument("--out", metavar="FILE.json", help="write metrics, objectives and items here")
+    p.add_argument("--batch-size", type=int, default=None, help="choices per forward (default 16)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, auto (default cpu)")
+    p.add_argument("--start", type=int, default=0, help="first item of each task's subset")
+    p.add_argument("--stop", type=int, default=None, help="end of the items of each subset")
+    p.set_defaults(run=run)
+
+
+def load_model(spec: str, device: str = "cpu") -> tuple[torch.nn.Module, Any]:
+    """The model and processor named by `spec` (`tiny:NAME` or a checkpoint folder)."""
+    if spec.startswith(TINY_PREFIX):
+        from vlmexp.zoo.tiny import build
+        from vlmexp.zoo.tiny_processors import BUILDERS, build_processor
+
+        name = spec[len(TINY_PREFIX):]
+        if name not in BUILDERS:
+            raise CheckpointError(f"unknown tiny VLM {spec!r}; known: "
+                                  + ", ".join(TINY_PREFIX + n for n in BUILDERS))
+        return build(name).to(device), build_processor(name)
+    from vlmexp.checkpoint import open_model
+
+    loaded = open_model(spec, device=device)
+    if loaded.processor is None:
+        raise CheckpointError(f"{spec}: no processor or tokenizer files to evaluate with")
+    return loaded.model, complete_processor(loaded.processor, spec)
+
+
+def complete_processor(processor: Any, folder: str | os.PathLike) -> Any:
+    """Pair a bare tokenizer with the folder's Qwen-VL image processor (no torchvision needed).
+
+    `load_processor` falls back to the tokenizer when AutoProcessor needs torchvision (Qwen-VL).
+    """
+    if hasattr(processor, "image_processor"):
+        return processor
+    cfg_file = Path(folder) / "preprocessor_config.json"
+    if not cfg_file.is_file():
+        return processor
+    kind = json.loads(cfg_file.read_text()).get("image_processor_type", "")
+    if not kind.startswith("Qwen2VLImageProcessor"):
+        return processor
+    from transformers import Qwen2VLImageProcessorPil
+
+    from vlmexp.zoo.tiny_processors import TinyQwenVLProcessor
+
+    return TinyQwenVLProcessor(Qwen2VLImageProcessorPil.from_pretrained(folder), processor)
+
+
+def build_evaluator(args: argparse.Namespace, processor: Any) -> Evaluator:
+    from vlmexp.eval.evaluator import Evaluator
+
+    if args.eval_config:
+        import yaml
+
+        cfg_path = Path(args.eval_config)
+        try:
+            cfg = yaml.safe_load(cfg_path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise EvalError(f"{cfg_path}: cannot read ({str(err).splitlines()[0]})") from err
+        if not isinstance(cfg, dict):
+            raise EvalError(f"{cfg_path}: an eval config must be a mapping")
+        base = cfg_path.parent
+        if args.tasks:  # --tasks overrides the config's task list; paths then are the cwd's
+            cfg = {**cfg, "tasks": [os.path.abspath(t) for t in args.tasks]}
+    elif args.tasks:
+        cfg, base = {"tasks": args.tasks}, Path(".")
+    else:
+        raise EvalError("give --tasks or --eval-config")
+    if args.batch_size:
+        cfg = {**cfg, "batch_size": args.batch_size}
+    cfg = {**cfg, "device": getattr(args, "device", "cpu")}
+    return Evaluator.from_config(cfg, processor, base_dir=base)
+
+
+def format_table(result: EvalResult) -> str:
+    """Tasks (metrics, items, seconds) and objectives as aligned text."""
+    names = sorted({m for metrics in result.metrics.values() for m in metrics})
+    width = max([len("task")] + [len(t) for t in result.metrics] + [len(o) for o in result.objectives])
+    lines = [f"{'task':<{width}}  " + "  ".join(f"{m:>9}" for m in names) + f"  {'items':>5}  {'sec':>6}"]
+    for task, metrics in result.metrics.items():
+        cells = "  ".join(f"{metrics[m]:>9.4f}" if m in metrics else f"{'-':>9}" for m in names)
+        lines.append(f"{task:<{width}}  {cells}  {len(result.items.get(task, [])):>5}  "
+                     f"{result.seconds.get(task, math.nan):>6.2f}")
+    lines += ["", f"{'objective':<{width}}  {'value':>9}"]
+    lines += [f"{o:<{width}}  {v:>9.4f}" for o, v in result.objectives.items()]
+    lines.append(f"total {result.seconds.get('total', math.nan):.2f} s")
+    return "\n".join(lines)
+
+
+def write_json(result: EvalResult, out: str | os.PathLike) -> None:
+    """Write atomically: a temporary file beside `out`, renamed into place."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(result.to_json(), f, indent=1)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def evaluate_model(model: torch.nn.Module, processor: Any, evaluator: Evaluator,
+                   out: str | os.PathLike | None = None, *, start: int = 0, stop: int | None = None,
+                   progress: bool = True) -> EvalResult:
+    """Evaluate a live model, print the table, write JSON to `out` if given; return the result.
+
+    The processor is the evaluator's; it is passed here so that callers that build the model
+    elsewhere (a recipe merged in memory) state what they evaluate with.
+
+    Example:
+        >>> result = evaluate_model(model, processor, evaluator, "eval.json")  # doctest: +SKIP
+    """
+    if processor is not evaluator.processor:
+        raise EvalError("the evaluator was built for another processor")
+    result = evaluator.evaluate(model, start=start, stop=stop, progress=progress)
+    print(format_table(result))
+    if out is not None:
+        write_json(result, out)
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    from vlmexp.checkpoint import resolve_device
+
+    args.device = resolve_device(args.device)
+    model, processor = load_model(args.model, device=args.device)
+    evaluator = build_evaluator(args, processor)
+    evaluate_model(model, processor, evaluator, args.out, start=args.start, stop=args.stop)
+    return 0

@@ -1,0 +1,274 @@
+"""The Evaluator: scores a live model on a fixed set of tasks and folds them into objectives.
+
+Everything that does not depend on the weights is prepared once: task data, the processor's
+encoding of each item (image + prompt -> input tensors), the answers' token ids, lm-eval's task
+objects. `evaluate(model)` then only runs the model, so a search can call it hundreds of times.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmexp.errors import EvalError
+from vlmexp.eval.prompt import ANSWER_PREFIX, image_prompt
+from vlmexp.eval.scorer import (
+    encode_continuation,
+    encode_prefix,
+    model_type,
+    score_continuations,
+)
+from vlmexp.eval.tasks import Item, Task, load_tasks
+
+
+@dataclass
+class ItemScore:
+    """One item's outcome: the chosen and correct answers, the margin and every choice's score.
+
+    `margin` is the correct answer's score minus the best other score (> 0 iff answered right,
+    ties aside); `scores` are summed log-probabilities, in the order of the item's choices.
+    """
+
+    task: str
+    index: int
+    chosen: str
+    answer: str
+    correct: bool
+    margin: float
+    scores: list[float]
+
+
+@dataclass
+class EvalResult:
+    """Metrics per task, objectives, per-item scores and timings of one evaluation."""
+
+    metrics: dict[str, dict[str, float]]
+    objectives: dict[str, float]
+    items: dict[str, list[ItemScore]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict (NaN margins become None)."""
+
+        def clean(x: float) -> float | None:
+            return None if isinstance(x, float) and not math.isfinite(x) else x
+
+        items = {
+            t: [{**asdict(s), "margin": clean(s.margin)} for s in scores]
+            for t, scores in self.items.items()
+        }
+        return {"metrics": self.metrics, "objectives": self.objectives, "items": items,
+                "seconds": self.seconds}
+
+
+def _item_score(task: str, item: Item, scores: list[float]) -> ItemScore:
+    gold = item.choices.index(item.answer)
+    best = max(range(len(scores)), key=scores.__getitem__)
+    best_other = max(s for i, s in enumerate(scores) if i != gold)
+    return ItemScore(task, item.index, item.choices[best], item.answer, best == gold,
+                     scores[gold] - best_other, scores)
+
+
+class Evaluator:
+    """Evaluate models on image-text and lm-eval tasks; objectives are weighted sets of tasks.
+
+    Image tasks report their primary metric (`acc`, or `recall@1` for caption retrieval: argmax
+    of summed answer log-probs, like lm-eval's acc), `acc_norm` (log-prob per answer character,
+    like lm-eval's), `acc_token_mean` (per-token mean) and `margin` (mean over items).
+
+    Args:
+        tasks: loaded tasks (`load_tasks`).
+        objectives: objective name -> {task name: weight}; the objective is the weighted mean of
+            its tasks' primary metrics (acc, recall@1 or the lm-eval task's `metric`).
+        processor: the model's processor (its tokenizer serves lm-eval).
+        batch_size: choices per forward (image tasks) and lm-eval's batch size.
+        device: where inputs go; the model stays where it is.
+
+    Example:
+        >>> ev = Evaluator.from_config({"tasks": ["evals/examples/shapes_jsonl.yaml"],
+        ...     "objectives": {"vl": {"example_shapes_jsonl": 1.0}}}, processor)  # doctest: +SKIP
+        >>> ev.evaluate(model).objectives["vl"]  # doctest: +SKIP
+        0.5
+    """
+
+    def __init__(self, tasks: Sequence[Task], objectives: Mapping[str, Mapping[str, float]],
+                 processor: Any, *, batch_size: int = 16, device: str = "cpu") -> None:
+        self.tasks = {t.name: t for t in tasks}
+        if len(self.tasks) != len(tasks):
+            raise EvalError("two tasks share one name")
+        for obj, weights in objectives.items():
+            for name, w in weights.items():
+                if name not in self.tasks:
+                    raise EvalError(f"objective {obj!r} names unknown task {name!r} (known: {', '.join(self.tasks)})")
+                if not float(w) >= 0:
+                    raise EvalError(f"objective {obj!r}: weight of {name!r} must be >= 0, got {w!r}")
+        self.objectives = {o: {t: float(w) for t, w in ws.items()} for o, ws in objectives.items()}
+        self.processor = processor
+        self.batch_size = batch_size
+        self.device = device
+        self._encoded: dict[tuple[str, int, str], dict[str, torch.Tensor]] = {}
+        self._answer_ids: dict[str, list[int]] = {}
+        self._subsets = {t.name: t.subset_indices() for t in tasks if t.kind != "lm_eval"}
+        lm_tasks = [t for t in tasks if t.kind == "lm_eval"]
+        self._lmeval = None
+        if lm_tasks:
+            from vlmexp.eval.lmeval import LmEvalRunner
+
+            self._lmeval = LmEvalRunner(
+                [t.lm_eval_task for t in lm_tasks],
+                include_paths=[t.include_path for t in lm_tasks if t.include_path],
+                batch_size=batch_size, device=device,
+                where={t.lm_eval_task: str(t.path) for t in lm_tasks},
+            )
+            for t in lm_tasks:
+                self._subsets[t.name] = t.subset_indices(self._lmeval.num_docs(t.lm_eval_task))
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], processor: Any, *, base_dir: str | Path = ".") -> Evaluator:
+        """Build from `{"tasks": [paths or folders], "objectives": {...}, "batch_size": 16}`.
+
+        Task paths are relative to `base_dir`. Without `objectives`, each task is its own.
+
+        Example:
+            >>> cfg = {"tasks": ["evals/examples"], "batch_size": 8}
+            >>> ev = Evaluator.from_config(cfg, processor)  # doctest: +SKIP
+        """
+        if "tasks" not in cfg or not cfg["tasks"]:
+            raise EvalError("evaluation config has no 'tasks'")
+        paths = cfg["tasks"]
+        if isinstance(paths, (str, Path)):
+            paths = [paths]
+        tasks = load_tasks([Path(base_dir) / p for p in paths])
+        objectives = cfg.get("objectives") or {t.name: {t.name: 1.0} for t in tasks}
+        return cls(tasks, objectives, processor, batch_size=int(cfg.get("batch_size", 16)),
+                   device=str(cfg.get("device", "cpu")))
+
+    def subset(self, task: str) -> list[int]:
+        """The task's deterministic subset (positions into its items or lm-eval docs)."""
+        return list(self._subsets[task])
+
+    # --- image tasks ------------------------------------------------------------------------
+
+    def _prefix(self, task: Task, item: Item, mtype: str) -> dict[str, torch.Tensor]:
+        key = (task.name, item.index, mtype)
+        if key not in self._encoded:
+            prompt = image_prompt(self.processor, item.question)
+            self._encoded[key] = encode_prefix(self.processor, item.load_image(), prompt, model_type=mtype)
+        return self._encoded[key]
+
+    def _answer(self, text: str) -> list[int]:
+        if text not in self._answer_ids:
+            ids = encode_continuation(self.processor, ANSWER_PREFIX + text)
+            if not ids:
+                raise EvalError(f"answer {text!r} encodes to no tokens")
+            self._answer_ids[text] = ids
+        return self._answer_ids[text]
+
+    def _image_task(self, model: torch.nn.Module, task: Task, positions: list[int],
+                    progress: Any) -> tuple[dict[str, float], list[ItemScore]]:
+        mtype = model_type(model)
+        out: list[ItemScore] = []
+        norm_correct = mean_correct = 0
+        for pos in positions:
+            item = task.items[pos]
+            scores = score_continuations(
+                model, self._prefix(task, item, mtype), [self._answer(c) for c in item.choices],
+                batch_size=self.batch_size,
+            )
+            summed = [s.logprob for s in scores]
+            out.append(_item_score(task.name, item, summed))
+            per_char = [s.logprob / max(len(c), 1) for s, c in zip(scores, item.choices, strict=True)]
+            norm_correct += item.choices[max(range(len(per_char)), key=per_char.__getitem__)] == item.answer
+            means = [s.mean for s in scores]
+            mean_correct += item.choices[max(range(len(means)), key=means.__getitem__)] == item.answer
+            if progress is not None:
+                progress.update(1)
+        acc = sum(s.correct for s in out) / len(out)
+        metrics = {task.primary_metric: acc, "acc_norm": norm_correct / len(out),
+                   "acc_token_mean": mean_correct / len(out)}
+        metrics["margin"] = sum(s.margin for s in out) / len(out)
+        return metrics, out
+
+    # --- evaluation ---------------------------------------------------------------------------
+
+    def evaluate(self, model: torch.nn.Module, *, tasks: Sequence[str] | None = None,
+                 start: int = 0, stop: int | None = None, progress: bool = False) -> EvalResult:
+        """Score `model` (as it is now) on items [start:stop) of each task's subset.
+
+        Tasks whose slice is empty are left out; an objective averages the tasks it has
+        (weights renormalized) and is left out when it has none.
+
+        Example:
+            >>> result = evaluator.evaluate(model, start=0, stop=16)  # doctest: +SKIP
+            >>> result.metrics["demo_color_shape_val"]["acc"]  # doctest: +SKIP
+            0.875
+        """
+        names = list(self.tasks) if tasks is None else list(tasks)
+        for n in names:
+            if n not in self.tasks:
+                raise EvalError(f"unknown task {n!r} (known: {', '.join(self.tasks)})")
+        slices = {n: self._subsets[n][start:stop] for n in names}
+        slices = {n: s for n, s in slices.items() if s}
+        if not slices:
+            raise EvalError(f"empty subset: no task has items in [{start}:{stop}) ({', '.join(names)})")
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sum(len(s) for s in slices.values()), desc="eval", unit="item")
+        t_all = time.perf_counter()
+        result = EvalResult(metrics={}, objectives={})
+        was_training = model.training
+        model.eval()
+        try:
+            for n, positions in slices.items():
+                task = self.tasks[n]
+                if task.kind == "lm_eval":
+                    continue
+                t0 = time.perf_counter()
+                result.metrics[n], result.items[n] = self._image_task(model, task, positions, bar)
+                result.seconds[n] = time.perf_counter() - t0
+            lm_names = [n for n in slices if self.tasks[n].kind == "lm_eval"]
+            if lm_names:
+                self._lm_tasks(model, lm_names, slices, result, bar)
+        finally:
+            model.train(was_training)
+            if bar is not None:
+                bar.close()
+        result.seconds["total"] = time.perf_counter() - t_all
+        for obj, weights in self.objectives.items():
+            present = {t: w for t, w in weights.items() if t in result.metrics}
+            total = sum(present.values())
+            if present and total > 0:
+                result.objectives[obj] = sum(
+                    w * result.metrics[t][self.tasks[t].primary_metric] for t, w in present.items()
+                ) / total
+        return result
+
+    def _lm_tasks(self, model: torch.nn.Module, names: list[str], slices: dict[str, list[int]],
+                  result: EvalResult, bar: Any) -> None:
+        assert self._lmeval is not None
+        t0 = time.perf_counter()
+        by_lm = {self.tasks[n].lm_eval_task: n for n in names}
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        outputs = self._lmeval.run(model, tokenizer, {lm: slices[n] for lm, n in by_lm.items()})
+        spent = time.perf_counter() - t0
+        for lm, n in by_lm.items():
+            task = self.tasks[n]
+            metric = task.primary_metric
+            if metric not in outputs[lm].metrics:
+                raise EvalError(f"{task.path}: lm-eval task {lm!r} reports no metric {metric!r} "
+                                f"(has {', '.join(outputs[lm].metrics)})")
+            result.metrics[n] = outputs[lm].metrics
+            result.items[n] = [ItemScore(task=n, **self._lmeval.item_record(lm, s, metric))
+                               for s in sorted(outputs[lm].samples, key=lambda s: s["doc_id"])]
+            # lm-eval runs all its tasks in one call: share its time by item count
+            result.seconds[n] = spent * len(slices[n]) / sum(len(slices[m]) for m in names)
+            if bar is not None:
+                bar.update(len(slices[n]))

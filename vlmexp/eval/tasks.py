@@ -1,0 +1,368 @@
+"""Evaluation tasks are data: one YAML file each, loaded here, with no code per task.
+
+```yaml
+task: demo_color_shape_val        # unique name
+version: 1
+kind: image_choice                # image_choice | caption_retrieval | lm_eval
+source: {type: jsonl, path: color_shape_val.jsonl}   # relative to this YAML's folder
+prompt: "{question}"              # format string over the item's fields -> question text
+subset: {size: 64, seed: 0}       # seeded shuffle, then the first `size`; omit for all
+```
+
+Sources (image kinds): `jsonl` (rows `{"image": "images/0001.png", "question": ..., "choices":
+[...], "answer": ...}`, images relative to the JSONL's folder), `datasets` (any
+`datasets.load_dataset` source: `path: json|parquet|imagefolder|<hub id>`, `data_files` relative to
+the YAML, `split`, optional `name`), `tsv` (VLMEvalKit / MMBench: `index`, base64 `image`,
+`question`, option columns `A`, `B`, ..., answer letter; an optional `hint` field). Every source
+takes `columns: {field: column}` to rename its columns. An answer is one of the choices, a choice
+index (int) or a choice letter (A, B, ...).
+
+`caption_retrieval` rows have `image` and either `captions` (K candidates) + `answer` (the right
+one), or a single `caption`: then the candidates are that caption plus `distractors` (YAML key,
+default 3) captions of other rows, sampled with the subset seed and the row index.
+Its `prompt` is the fixed text shown with the image (default "Describe the image.").
+
+`lm_eval` tasks name an lm-eval task (`lm_eval_task`), an optional `include_path` folder of
+lm-eval task YAMLs (relative to the YAML) and the `metric` to report (default `acc`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import io
+import json
+import random
+import string
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vlmexp.errors import EvalError
+
+KINDS = ("image_choice", "caption_retrieval", "lm_eval")
+SOURCES = ("jsonl", "datasets", "tsv")
+PRIMARY_METRIC = {"image_choice": "acc", "caption_retrieval": "recall@1"}
+DEFAULT_CAPTION_PROMPT = "Describe the image."
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image item: the image (a path, raw bytes or a PIL image), question text and choices.
+
+    `index` is the row's position in the source, a stable id for per-item results.
+    """
+
+    index: int
+    image: Any
+    question: str
+    choices: tuple[str, ...]
+    answer: str
+    where: str  # "file, row N" for error messages
+
+    def load_image(self) -> Any:
+        from PIL import Image
+
+        try:
+            if isinstance(self.image, (str, Path)):
+                return Image.open(self.image).convert("RGB")
+            if isinstance(self.image, bytes):
+                return Image.open(io.BytesIO(self.image)).convert("RGB")
+            return self.image.convert("RGB")
+        except Exception as err:  # PIL raises several types for unreadable images
+            raise EvalError(f"{self.where}: unreadable image ({err})") from err
+
+
+@dataclass
+class Task:
+    """A loaded task: its definition and, for image kinds, its items (validated).
+
+    Example:
+        >>> task = load_task("evals/examples/shapes_jsonl.yaml")  # doctest: +SKIP
+        >>> task.kind, len(task.subset_indices()) > 0  # doctest: +SKIP
+        ('image_choice', True)
+    """
+
+    name: str
+    version: int
+    kind: str
+    path: Path
+    prompt: str = "{question}"
+    subset_size: int | None = None
+    subset_seed: int = 0
+    metric: str = "acc"
+    lm_eval_task: str | None = None
+    include_path: Path | None = None
+    items: list[Item] = field(default_factory=list)
+
+    @property
+    def primary_metric(self) -> str:
+        return PRIMARY_METRIC.get(self.kind, self.metric)
+
+    def subset_indices(self, n_total: int | None = None) -> list[int]:
+        """Positions of the deterministic subset: seeded shuffle of 0..n-1, then the first `size`."""
+        n = len(self.items) if n_total is None else n_total
+        order = list(range(n))
+        if self.subset_size is not None:
+            random.Random(self.subset_seed).shuffle(order)
+            order = order[: self.subset_size]
+        if not order:
+            raise EvalError(f"{self.path}: task {self.name!r} has an empty subset ({n} rows, size {self.subset_size})")
+        return order
+
+
+def _fail(path: Path, msg: str) -> EvalError:
+    return EvalError(f"{path}: {msg}")
+
+
+def load_task(path: str | Path) -> Task:
+    """Load and validate one task YAML (and, for image kinds, its data).
+
+    Example:
+        >>> task = load_task("evals/examples/shapes_jsonl.yaml")  # doctest: +SKIP
+        >>> task.name  # doctest: +SKIP
+        'example_shapes_jsonl'
+    """
+    path = Path(path)
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except FileNotFoundError as err:
+        raise _fail(path, "task file not found") from err
+    except yaml.YAMLError as err:
+        raise _fail(path, f"not valid YAML ({str(err).splitlines()[0]})") from err
+    if not isinstance(spec, dict):
+        raise _fail(path, "a task file must be a mapping")
+    for key in ("task", "kind"):
+        if key not in spec:
+            raise _fail(path, f"missing key {key!r}")
+    kind = spec["kind"]
+    if kind not in KINDS:
+        raise _fail(path, f"kind {kind!r} is not one of {', '.join(KINDS)}")
+    subset = spec.get("subset") or {}
+    size = subset.get("size")
+    task = Task(
+        name=str(spec["task"]), version=int(spec.get("version", 1)), kind=kind, path=path,
+        prompt=str(spec.get("prompt", DEFAULT_CAPTION_PROMPT if kind == "caption_retrieval" else "{question}")),
+        subset_size=None if size is None else int(size), subset_seed=int(subset.get("seed", 0)),
+        metric=str(spec.get("metric", "acc")),
+    )
+    if kind == "lm_eval":
+        if "lm_eval_task" not in spec:
+            raise _fail(path, "missing key 'lm_eval_task'")
+        task.lm_eval_task = str(spec["lm_eval_task"])
+        if spec.get("include_path"):
+            task.include_path = (path.parent / spec["include_path"]).resolve()
+            if not task.include_path.is_dir():
+                raise _fail(path, f"include_path {spec['include_path']!r} is not a folder")
+        if task.subset_size == 0:
+            raise _fail(path, f"task {task.name!r} has an empty subset (size 0)")
+        return task
+    source = spec.get("source")
+    if not isinstance(source, dict) or source.get("type") not in SOURCES:
+        raise _fail(path, f"source.type must be one of {', '.join(SOURCES)}")
+    rows = list(_read_rows(path, source))
+    task.items = _make_items(task, spec, rows)
+    task.subset_indices()  # raises on an empty subset
+    return task
+
+
+def load_tasks(paths: str | Path | Iterable[str | Path]) -> list[Task]:
+    """Load task YAMLs from files and folders (a folder: its `*.yaml` files, sorted; not recursive).
+
+    Example:
+        >>> [t.name for t in load_tasks(["evals/examples"])][:1]  # doctest: +SKIP
+        ['example_captions']
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    tasks: list[Task] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            tasks += [load_task(f) for f in sorted([*p.glob("*.yaml"), *p.glob("*.yml")])]
+        else:
+            tasks.append(load_task(p))
+    seen: dict[str, Path] = {}
+    for t in tasks:
+        if t.name in seen:
+            raise _fail(t.path, f"task name {t.name!r} already defined in {seen[t.name]}")
+        seen[t.name] = t.path
+    return tasks
+
+
+# --- sources -----------------------------------------------------------------------------------
+
+# A row: (where, base folder for relative image paths, the row's fields after column renaming)
+Row = tuple[str, Path, dict[str, Any]]
+
+
+def _rename(fields: dict[str, Any], columns: Mapping[str, str], where: str) -> dict[str, Any]:
+    out = dict(fields)
+    for name, column in columns.items():
+        if column not in fields:
+            raise EvalError(f"{where}: column {column!r} (for {name!r}) not in the data (has {', '.join(map(str, fields))})")
+        out[name] = fields[column]
+    return out
+
+
+def _read_rows(path: Path, source: Mapping[str, Any]) -> Iterable[Row]:
+    columns = source.get("columns") or {}
+    kind = source["type"]
+    if kind == "datasets":
+        yield from _read_datasets(path, source, columns)
+        return
+    if "path" not in source:
+        raise _fail(path, "source.path is missing")
+    data = (path.parent / source["path"]).resolve()
+    if not data.is_file():
+        raise _fail(path, f"data file {source['path']!r} not found")
+    if kind == "jsonl":
+        with data.open() as f:
+            for n, line in enumerate(f):
+                if not line.strip():
+                    continue
+                where = f"{data}, row {n}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise EvalError(f"{where}: not valid JSON ({err})") from err
+                yield where, data.parent, _rename(row, columns, where)
+    else:  # tsv
+        csv.field_size_limit(sys.maxsize)
+        with data.open(newline="") as f:
+            for n, row in enumerate(csv.DictReader(f, delimiter="\t")):
+                where = f"{data}, row {n}"
+                row = _rename(row, columns, where)
+                if "image" not in row:
+                    raise EvalError(f"{where}: column 'image' not in the data")
+                try:
+                    row["image"] = base64.b64decode(str(row["image"]), validate=True)
+                    _check_image_bytes(row["image"])
+                except (binascii.Error, ValueError) as err:
+                    raise EvalError(f"{where}: broken base64 image ({err})") from err
+                if "choices" not in row:
+                    letters = [c for c in string.ascii_uppercase if c in row and str(row[c] or "").strip()
+                               and str(row[c]).lower() != "nan"]
+                    row["choices"] = [str(row[c]) for c in letters]
+                if row.get("hint") and str(row["hint"]).lower() != "nan":
+                    row["question"] = f"{row['hint']}\n{row['question']}"
+                yield where, data.parent, row
+
+
+def _check_image_bytes(raw: bytes) -> None:
+    from PIL import Image
+
+    try:
+        Image.open(io.BytesIO(raw)).verify()
+    except Exception as err:  # PIL raises several types for bad data
+        raise ValueError(f"not an image: {err}") from err
+
+
+def _read_datasets(path: Path, source: Mapping[str, Any], columns: Mapping[str, str]) -> Iterable[Row]:
+    import datasets
+
+    target = str(source.get("path", ""))
+    if not target:
+        raise _fail(path, "source.path is missing (json, parquet, imagefolder or a hub id)")
+    kwargs: dict[str, Any] = {"split": source.get("split", "test")}
+    if source.get("name"):
+        kwargs["name"] = source["name"]
+    files = source.get("data_files")
+    if files is not None:
+        def resolve(f: Any) -> Any:
+            if isinstance(f, str):
+                return str((path.parent / f).resolve())
+            if isinstance(f, Mapping):
+                return {k: resolve(v) for k, v in f.items()}
+            return [resolve(x) for x in f]
+
+        kwargs["data_files"] = resolve(files)
+    elif source.get("data_dir"):
+        kwargs["data_dir"] = str((path.parent / source["data_dir"]).resolve())
+    try:
+        ds = datasets.load_dataset(target, **kwargs)
+    except Exception as err:  # datasets raises many types for missing files, splits, hubs
+        raise _fail(path, f"datasets could not load {target!r} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+    base = path.parent
+    if isinstance(files, str):
+        base = (path.parent / files).resolve().parent
+    for n, row in enumerate(ds):
+        where = f"{path} ({target}), row {n}"
+        row = _rename(dict(row), columns, where)
+        image = row.get("image")
+        if isinstance(image, Mapping):  # an undecoded datasets Image: {"bytes": ..., "path": ...}
+            row["image"] = image.get("bytes") or image.get("path")
+        yield where, base, row
+
+
+# --- items -------------------------------------------------------------------------------------
+
+def _answer(row: dict[str, Any], choices: list[str], where: str) -> str:
+    answer = row["answer"]
+    if isinstance(answer, bool):
+        raise EvalError(f"{where}: answer {answer!r} is not among the choices {choices}")
+    if isinstance(answer, int):
+        if 0 <= answer < len(choices):
+            return choices[answer]
+    else:
+        answer = str(answer)
+        if answer in choices:
+            return answer
+        if len(answer) == 1 and answer in string.ascii_uppercase and string.ascii_uppercase.index(answer) < len(choices):
+            return choices[string.ascii_uppercase.index(answer)]
+    raise EvalError(f"{where}: answer {answer!r} is not among the choices {choices}")
+
+
+def _image(row: dict[str, Any], base: Path, where: str) -> Any:
+    if "image" not in row or row["image"] is None:
+        raise EvalError(f"{where}: no image")
+    image = row["image"]
+    if isinstance(image, str):
+        file = (base / image).resolve()
+        if not file.is_file():
+            raise EvalError(f"{where}: image {image!r} not found")
+        return file
+    return image
+
+
+def _make_items(task: Task, spec: Mapping[str, Any], rows: list[Row]) -> list[Item]:
+    items = []
+    if task.kind == "caption_retrieval":
+        k = int(spec.get("distractors", 3))
+        pool = [r[2].get("caption") for r in rows]
+    for n, (where, base, row) in enumerate(rows):
+        image = _image(row, base, where)
+        if task.kind == "image_choice":
+            for key in ("choices", "answer"):
+                if key not in row:
+                    raise EvalError(f"{where}: field {key!r} not in the data")
+            choices = [str(c) for c in row["choices"]]
+            if len(choices) < 2:
+                raise EvalError(f"{where}: needs at least two choices, got {choices}")
+            answer = _answer(row, choices, where)
+            try:
+                question = task.prompt.format(**row)
+            except (KeyError, IndexError) as err:
+                raise EvalError(f"{where}: prompt {task.prompt!r} names a missing field {err}") from err
+        else:
+            question = task.prompt
+            if "captions" in row:
+                if "answer" not in row:
+                    raise EvalError(f"{where}: field 'answer' not in the data")
+                choices = [str(c) for c in row["captions"]]
+                answer = _answer(row, choices, where)
+            elif "caption" in row:
+                answer = str(row["caption"])
+                others = sorted({str(c) for c in pool if c is not None and str(c) != answer})
+                if len(others) < k:
+                    raise EvalError(f"{where}: only {len(others)} other captions for {k} distractors")
+                choices = random.Random(task.subset_seed * 1_000_003 + n).sample(others, k) + [answer]
+                random.Random(task.subset_seed * 1_000_003 + n + 1).shuffle(choices)
+            else:
+                raise EvalError(f"{where}: field 'captions' (or 'caption') not in the data")
+        items.append(Item(n, image, question, tuple(choices), answer, where))
+    return items
