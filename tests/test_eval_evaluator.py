@@ -144,3 +144,34 @@ def test_cli_evaluates_saved_checkpoint(name, tmp_path, tiny, tiny_processor, ca
     b = json.loads((tmp_path / "b.json").read_text())["items"]["example_shapes_jsonl"]
     assert torch.allclose(torch.tensor([x["scores"] for x in a]), torch.tensor([x["scores"] for x in b]),
                           atol=1e-5)
+
+
+def test_cli_evaluates_a_recipe_merged_in_memory(tmp_path, tiny, tiny_processor):
+    """A recipe is merged in memory, then scored: equal to scoring the written merge."""
+    import copy
+
+    import yaml
+
+    from vlmexp.checkpoint import save_model
+
+    base = save_model(tiny("llava"), tmp_path / "base", processor=tiny_processor("llava"))
+    donor = copy.deepcopy(tiny("llava"))
+    with torch.no_grad():
+        for p in donor.parameters():
+            p.mul_(1.5)
+    save_model(donor, tmp_path / "donor", processor=tiny_processor("llava"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "method": "task_arithmetic", "base": {"path": str(base)},
+        "donors": [{"name": "d", "path": str(tmp_path / "donor")}],
+        "components": {"language": {"d": {"weight": 0.5}}, "projector": {"d": {"weight": 1.0}}}}))
+    task = str(EXAMPLES / "shapes_jsonl.yaml")
+    assert main(["evaluate", str(recipe), "--tasks", task, "--out", str(tmp_path / "r.json")]) == 0
+    assert main(["merge", str(recipe), "--out", str(tmp_path / "merged")]) == 0
+    assert main(["evaluate", str(tmp_path / "merged"), "--tasks", task,
+                 "--out", str(tmp_path / "m.json")]) == 0
+    assert main(["evaluate", str(base), "--tasks", task, "--out", str(tmp_path / "b.json")]) == 0
+    scores = {k: [x["scores"] for x in json.loads((tmp_path / f"{k}.json").read_text())
+                  ["items"]["example_shapes_jsonl"]] for k in "rmb"}
+    assert torch.allclose(torch.tensor(scores["r"]), torch.tensor(scores["m"]), atol=1e-5)
+    assert not torch.allclose(torch.tensor(scores["r"]), torch.tensor(scores["b"]), atol=1e-3)

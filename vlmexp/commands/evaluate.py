@@ -2,8 +2,8 @@
 
 Scores a model on evaluation tasks (image-text and lm-eval), prints a table per task and per
 objective and writes the same, with per-item results, as JSON. MODEL is a checkpoint folder
-(opened with `vlmexp.checkpoint.open_model`) or `tiny:NAME` (a tiny random model with its tiny
-processor). Tasks come from `--tasks` (YAML files or folders) or from `--eval-config`, a YAML with
+(opened with `vlmexp.checkpoint.open_model`), a recipe YAML (merged in memory first, from its
+base and donor folders) or `tiny:NAME` (a tiny random model with its tiny processor). Tasks come from `--tasks` (YAML files or folders) or from `--eval-config`, a YAML with
 `tasks`, `objectives` and `batch_size` (paths relative to that file).
 
 Example:
@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "evaluate", help="score a model on evaluation tasks and objectives",
         description=__doc__.splitlines()[0])
-    p.add_argument("model", metavar="MODEL", help="model folder or tiny:NAME")
+    p.add_argument("model", metavar="MODEL", help="model folder, recipe YAML or tiny:NAME")
     p.add_argument("--tasks", nargs="+", metavar="TASK", help="task YAML files or folders")
     p.add_argument("--eval-config", metavar="FILE",
                    help="YAML with tasks, objectives, batch_size (paths relative to it)")
@@ -57,12 +57,32 @@ def load_model(spec: str, device: str = "cpu") -> tuple[torch.nn.Module, Any]:
             raise CheckpointError(f"unknown tiny VLM {spec!r}; known: "
                                   + ", ".join(TINY_PREFIX + n for n in BUILDERS))
         return build(name).to(device), build_processor(name)
+    if spec.endswith((".yaml", ".yml")) and Path(spec).is_file():
+        return merged_model(spec, device)
     from vlmexp.checkpoint import open_model
 
     loaded = open_model(spec, device=device)
     if loaded.processor is None:
         raise CheckpointError(f"{spec}: no processor or tokenizer files to evaluate with")
     return loaded.model, complete_processor(loaded.processor, spec)
+
+
+def merged_model(recipe_path: str, device: str = "cpu") -> tuple[torch.nn.Module, Any]:
+    """The recipe's merge, applied in memory to its base, and the base's processor."""
+    import sys
+
+    from vlmexp.merge.engine import MergeEngine
+    from vlmexp.merge.recipe import Recipe
+
+    recipe = Recipe.from_yaml(recipe_path)
+    engine = MergeEngine.from_recipe(recipe, device=device, progress=False)
+    result = engine.apply(recipe)
+    print(f"merged {recipe_path} in memory ({result.merged} tensors, {result.weights_digest})",
+          file=sys.stderr)
+    if engine.processor is None:
+        raise CheckpointError(f"{recipe.base.path}: no processor or tokenizer files to evaluate "
+                              f"with")
+    return engine.model, complete_processor(engine.processor, recipe.base.path)
 
 
 def complete_processor(processor: Any, folder: str | os.PathLike) -> Any:

@@ -1,0 +1,185 @@
+"""The search configuration: structured configs that validate what Hydra composes from `conf/`.
+
+`compose(overrides)` reads `conf/config.yaml` and its groups with Hydra's compose API (argparse
+owns the subcommand, Hydra the `key=value` overrides), then merges the result into the
+`SearchConfig` schema below, so a typo in a key or a wrong type is a one-line ConfigError.
+Each group mirrors the code it configures: `models` → checkpoint loading, `merge` → the recipe's
+method and parameters, `space` → `vlmexp.search.space`, `search` → the study loop,
+`eval` → `vlmexp.eval.Evaluator.from_config`, `tracking` → `vlmexp.search.tracking.Tracker`.
+
+Example:
+    >>> cfg = compose(["search.n_trials=5"])
+    >>> cfg.search.n_trials, cfg.merge.method
+    (5, 'task_arithmetic')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from vlmexp.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = PROJECT_ROOT / "conf"
+
+
+@dataclass
+class DonorConfig:
+    path: str = "???"
+    map: str = "auto"  # auto | same | llm_to_vlm
+
+
+@dataclass
+class ModelsConfig:
+    base: str = "???"  # a folder, a hub id, or zoo:NAME (the demo zoo, built on first use)
+    donors: dict[str, DonorConfig] = field(default_factory=dict)
+    zoo_dir: str | None = None  # where the demo zoo is cached (default .vlmexp_cache/zoo)
+
+
+@dataclass
+class MergeConfig:
+    method: str = "task_arithmetic"
+    parameters: dict[str, Any] = field(default_factory=dict)  # fixed method-level parameters
+    dtype: str = "float32"
+    seed: int = 0
+    vocab: str = "error"  # error | common_rows
+
+
+@dataclass
+class SpaceConfig:
+    # component -> donor -> parameter -> [low, high] (searched) or a value (fixed)
+    components: dict[str, Any] = field(default_factory=dict)
+    parameters: dict[str, Any] = field(default_factory=dict)  # method-level: [low, high] or value
+    knots: dict[str, int] = field(default_factory=dict)  # component -> K knots over depth
+    methods: list[str] = field(default_factory=list)  # a choice of methods (empty: merge.method)
+    pin: list[str] = field(default_factory=list)  # components kept as the base's
+    take: dict[str, str] = field(default_factory=dict)  # component -> donor, copied verbatim
+    shared: bool = False  # one value per donor and parameter for all components (a global merge)
+
+
+@dataclass
+class PruningConfig:
+    enabled: bool = True
+    rungs: list[float] = field(default_factory=lambda: [0.25])  # fractions evaluated before all
+    pruner: str = "median"  # median | halving (one objective); several: dominated screening
+    startup_trials: int = 6  # complete trials before anything is pruned
+    margin: float = 0.02  # several objectives: how far a trial must be dominated at a rung
+
+
+@dataclass
+class StudyConfig:
+    sampler: str = "tpe"  # tpe | cmaes | gp | nsga2 | random
+    n_trials: int = 40  # trials in the study in all (a resumed study runs up to this count)
+    timeout: float | None = None  # seconds; no new trial starts after it
+    objectives: list[str] = field(default_factory=lambda: ["combined"])  # all maximised
+    baselines: bool = True  # enqueue base, each donor alone and the uniform average first
+    storage: str | None = None  # Optuna storage URL; default sqlite:///optuna.db
+    seed: int = 0
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=list)  # task YAMLs (or folders), relative to the project
+    objectives: dict[str, dict[str, float]] = field(default_factory=dict)
+    test_tasks: list[str] = field(default_factory=list)  # held-out tasks for the final report
+    test_objectives: dict[str, dict[str, float]] = field(default_factory=dict)
+    batch_size: int = 16
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None  # default sqlite:///mlflow.db in the working directory
+    experiment: str | None = None  # default: the study name
+    log_items: bool = True
+
+
+@dataclass
+class SearchConfig:
+    study_name: str = "demo"
+    device: str = "auto"
+    threads: int | None = None  # torch threads (None: torch's default)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+    search: StudyConfig = field(default_factory=StudyConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def compose(overrides: list[str] | None = None, *, config_dir: str | Path | None = None,
+            config_name: str = "config") -> DictConfig:
+    """Compose `conf/` with `overrides` and validate it against `SearchConfig`."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    conf = Path(config_dir) if config_dir else CONF_DIR
+    if not conf.is_dir():
+        raise ConfigError(f"{conf}: no such config folder")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf.resolve()), version_base=None):
+            raw = hydra_compose(config_name=config_name, overrides=list(overrides or []))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_one_line(err)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    return validate(raw)
+
+
+def validate(raw: Any) -> DictConfig:
+    """Merge a raw config into the schema: unknown keys and wrong types are ConfigErrors."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    schema = OmegaConf.structured(SearchConfig)
+    try:
+        cfg = OmegaConf.merge(schema, raw)
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err)) from None
+    _check_choices(cfg)
+    return cfg
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    choices = {
+        "search.sampler": (cfg.search.sampler, ("tpe", "cmaes", "gp", "nsga2", "random")),
+        "search.pruning.pruner": (cfg.search.pruning.pruner, ("median", "halving")),
+        "merge.vocab": (cfg.merge.vocab, ("error", "common_rows")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    if cfg.search.n_trials < 1:
+        raise ConfigError(f"search.n_trials: must be at least 1, got {cfg.search.n_trials}")
+    if not cfg.search.objectives:
+        raise ConfigError("search.objectives: name at least one objective")
+    for name in cfg.search.objectives:
+        if name not in cfg.eval.objectives:
+            raise ConfigError(f"search.objectives: {name!r} is not an objective of eval "
+                              f"(eval.objectives: {', '.join(cfg.eval.objectives) or 'none'})")
+    for r in cfg.search.pruning.rungs:
+        if not 0 < r < 1:
+            raise ConfigError(f"search.pruning.rungs: {r} is not a fraction in (0, 1)")
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    # OmegaConf appends "full_key: KEY reference_type=... object_type=..."; lead with the key
+    if " full_key:" in text:
+        message, trailer = text.split(" full_key:", 1)
+        key = trailer.split()[0] if trailer.split() else ""
+        return f"{key}: {message}" if key else message
+    return text
+
+
+def to_dict(cfg: DictConfig) -> dict[str, Any]:
+    """A plain, resolved dict of the config (for logging)."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
