@@ -1,0 +1,105 @@
+"""The study loop end to end on tiny models: baselines, pruning, resume, MLflow record."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from omegaconf import OmegaConf
+
+from vlmexp.search.config import compose, validate
+from vlmexp.search.study import BASELINE_ATTR, run_search
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "evals" / "examples"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny, tiny_processor) -> dict[str, Path]:
+    """A tiny LLaVA base and relative, and a Llama made from the base's language model."""
+    from vlmexp.checkpoint import save_model
+    from vlmexp.zoo.tiny import build
+
+    root = tmp_path_factory.mktemp("study_models")
+    base = tiny("llava")
+    vqa = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in vqa.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    text = build("llama")
+    state = {k.replace("model.language_model.", "model."): v
+             for k, v in base.state_dict().items() if k.startswith("model.language_model.")}
+    state["lm_head.weight"] = base.state_dict()["lm_head.weight"] * 1.3
+    text.load_state_dict(state)
+    out = {}
+    for name, model in (("base", base), ("vqa", vqa), ("text", text)):
+        out[name] = save_model(model, root / name, processor=tiny_processor("llava"))
+    return out
+
+
+def config(tmp_path: Path, models: dict[str, Path], *extra: str):
+    tasks = f"[{EXAMPLES / 'shapes_jsonl.yaml'},{EXAMPLES / 'next_item_lmeval.yaml'}]"
+    cfg = compose([
+        f"models.base={models['base']}",
+        f"models.donors.vqa.path={models['vqa']}",
+        f"models.donors.text.path={models['text']}",
+        f"eval.tasks={tasks}", "eval.test_tasks=[]",
+        f"search.storage=sqlite:///{tmp_path / 'optuna.db'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "study_name=tiny", "search.sampler=random", *extra,
+    ])
+    raw = OmegaConf.to_container(cfg)
+    raw["eval"]["objectives"] = {
+        "vl": {"example_shapes_jsonl": 1.0}, "text": {"example_next_item": 1.0},
+        "combined": {"example_shapes_jsonl": 1.0, "example_next_item": 1.0}}
+    return validate(raw)
+
+
+@pytest.mark.slow
+def test_study_runs_baselines_first_prunes_and_resumes(tmp_path, models, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow's artifacts land under the working directory
+    cfg = config(tmp_path, models, "search.n_trials=7", "search.pruning.startup_trials=4",
+                 "search.pruning.rungs=[0.5]")
+    result = run_search(cfg, progress=False)
+    study = optuna.load_study(study_name="tiny", storage=cfg.search.storage)
+    trials = study.trials
+    assert len(trials) == 7 == result.trials
+    names = [t.user_attrs.get(BASELINE_ATTR) for t in trials[:4]]
+    assert names == ["base", "vqa alone", "text alone", "uniform average"]
+    assert trials[0].params == {k: 0.0 for k in trials[0].params}
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    # baselines were evaluated in full; the base scores what the base scores
+    assert all(t.state == TrialState.COMPLETE for t in trials[:4])
+    assert result.best and result.best[0].value == max(
+        t.value for t in trials if t.state == TrialState.COMPLETE)
+
+    # a crash leaves a RUNNING trial: the next run marks it failed and runs its parameters again
+    stale = study.ask()
+    for name, dist in trials[5].distributions.items():
+        stale.suggest_float(name, dist.low, dist.high)
+    cfg = config(tmp_path, models, "search.n_trials=9")
+    run_search(cfg, progress=False)
+    study = optuna.load_study(study_name="tiny", storage=cfg.search.storage)
+    assert study.trials[stale.number].state == TrialState.FAIL
+    assert len([t for t in study.trials if t.state != TrialState.FAIL]) >= 8
+    assert sum(t.params == stale.params for t in study.trials) >= 2
+
+    # the MLflow record: one parent run, one child per finished trial, with its recipe
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("vlmexp.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("vlmexp.role") == "trial"]
+    assert len(parents) == 1
+    assert len(children) == len([t for t in study.trials if t.state != TrialState.RUNNING]) - 1
+    statuses = {r.data.tags["vlmexp.state"]: r.info.status for r in children}
+    assert statuses.get("COMPLETE") == "FINISHED"
+    if "PRUNED" in statuses:
+        assert statuses["PRUNED"] == "KILLED"

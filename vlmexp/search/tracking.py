@@ -1,0 +1,791 @@
+"""MLflow tracking of a study: one experiment, one parent run per study, one child run per trial.
+
+The record follows DESIGN.md's tracking contract. A child run holds the flattened recipe as
+params; each objective (`objective.<name>`), each task metric, `seconds.<phase>` and the
+intermediate values (`intermediate.<objective>`, step = items evaluated) as metrics; the trial
+number, state, recipe hash and weights digest as tags; `recipe.yaml` and `items.json` as
+artifacts. The parent holds the composed config (`config.yaml` and flattened params), the best
+trial or Pareto front (`best.json` / `pareto_front.json` and a CSV twin) and PNG plots.
+`find_run` reads a run back for `python -m vlmexp reproduce`.
+
+Every MLflow or I/O failure is raised as a one-line `TrackingError`, so the study loop can catch
+one type and go on.
+
+Example:
+    >>> tracker = Tracker(tracking_uri="sqlite:///runs/mlflow.db", experiment="demo",
+    ...                   study_name="demo")  # doctest: +SKIP
+    >>> tracker.start(cfg, objectives=["combined"], directions=["maximize"])  # doctest: +SKIP
+    >>> tracker.log_trial(TrialRecord(number=0, state="COMPLETE", recipe=recipe,
+    ...     values={"combined": 0.8}, metrics={}, intermediate=[], seconds={},
+    ...     weights_digest=None, items=None))  # doctest: +SKIP
+    >>> tracker.finish(study); tracker.close()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from vlmexp.errors import TrackingError
+from vlmexp.merge.recipe import Recipe
+
+if TYPE_CHECKING:
+    import optuna
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+
+DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow's own default: the working directory
+STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+# tag keys (one place for each)
+ROLE, STUDY, TRIAL, STATE = "vlmexp.role", "vlmexp.study", "vlmexp.trial", "vlmexp.state"
+RECIPE_HASH, DIGEST, BASELINE = "vlmexp.recipe_hash", "vlmexp.weights_digest", "vlmexp.baseline"
+REASON, OBJECTIVES, DIRECTIONS = "vlmexp.reason", "vlmexp.objectives", "vlmexp.directions"
+BEST_TRIAL, BEST_RUN = "vlmexp.best_trial", "vlmexp.best_run"
+PARETO_TRIALS, PARETO_RUNS = "vlmexp.pareto_trials", "vlmexp.pareto_runs"
+EXPERIMENT_KIND = "vlmexp.kind"
+PARENT = "mlflow.parentRunId"
+_RESERVED_PREFIXES = ("objective.", "seconds.", "intermediate.", "test.")
+
+_MAX_KEY, _MAX_PARAM, _MAX_TAG = 250, 6000, 8000  # mlflow.utils.validation limits
+_MAX_PARAMS, _MAX_TAGS, _MAX_METRICS = 100, 100, 800  # per log_batch (1000 entities in all)
+_MAX_WEIGHT_PLOTS = 6
+
+
+@dataclass
+class TrialRecord:
+    """Everything the tracker logs for one trial (pruned and failed ones included)."""
+
+    number: int                       # optuna trial number
+    state: str                        # "COMPLETE" | "PRUNED" | "FAIL"
+    recipe: Recipe | None             # None if the trial failed before a recipe existed
+    values: dict[str, float]          # objective name -> value (empty when pruned/failed)
+    metrics: dict[str, float]         # task metrics, e.g. {"demo_color_shape_val.acc": 0.8}
+    intermediate: list[tuple[int, dict[str, float]]]  # (items evaluated so far, {objective: v})
+    seconds: dict[str, float]         # {"merge": .., "eval": .., "total": ..}
+    weights_digest: str | None
+    items: dict[str, list[dict]] | None  # per-task per-item results -> artifact items.json
+    reason: str | None = None         # why pruned / failed
+    baseline: str | None = None       # "base", "vqa alone", "uniform average", ...
+    params: dict[str, Any] = field(default_factory=dict)  # optuna's trial.params
+
+
+@dataclass
+class RunInfo:
+    """A trial run read back from MLflow: what `reproduce` needs and what it compares against."""
+
+    run_id: str
+    experiment: str
+    recipe: Recipe
+    weights_digest: str | None
+    metrics: dict[str, float]         # task metrics (no objective./seconds./intermediate. keys)
+    values: dict[str, float]          # objective name -> value
+    parent_run_id: str | None = None
+    trial: int | None = None
+    state: str | None = None
+    tracking_uri: str = DEFAULT_URI
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _one_line(err: BaseException | str, limit: int = 300) -> str:
+    text = str(err).strip() or type(err).__name__
+    line = text.splitlines()[0].strip()
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+@contextmanager
+def _tracking(what: str) -> Iterator[None]:
+    """Turn any failure inside into a one-line TrackingError that says what was being done."""
+    try:
+        yield
+    except TrackingError:
+        raise
+    except Exception as err:  # MlflowException, sqlalchemy, OSError, ...: never crash the study
+        raise TrackingError(f"{what}: {_one_line(err)}") from err
+
+
+def _client(tracking_uri: str) -> MlflowClient:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps artifacts: `mlruns/` beside a SQLite store's file.
+
+    None (MLflow's own default, `./mlruns/<experiment id>`) for a file in the working directory
+    and for other stores; else `<folder of the file>/mlruns/<experiment name>`.
+    """
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    path = tracking_uri[len(prefix):]
+    if not path or path == ":memory:":
+        return None
+    folder = Path(path).resolve().parent
+    if folder == Path.cwd().resolve():
+        return None
+    return str(folder / "mlruns" / re.sub(r"[^\w.\-]", "_", experiment))
+
+
+def _key(key: str) -> str:
+    """A name MLflow accepts as a param, metric or tag key."""
+    return re.sub(r"[^\w\-. /:]", "_", str(key))[:_MAX_KEY]
+
+
+def _clip(value: Any, limit: int) -> str:
+    text = value if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _plain(value: Any) -> Any:
+    """A config (dict, OmegaConf node, ...) as plain YAML-safe containers."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, DictConfig | ListConfig):
+            value = OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def flatten_config(config: Mapping[str, Any]) -> dict[str, str]:
+    """`a.b.c -> value` strings (lists as JSON), keys and values clipped to MLflow's limits.
+
+    Example:
+        >>> flatten_config({"search": {"n_trials": 40, "objectives": ["vl", "text"]}})
+        {'search.n_trials': '40', 'search.objectives': '["vl", "text"]'}
+    """
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            text = json.dumps(value) if isinstance(value, list | dict) else str(value)
+            flat[_key(prefix)] = _clip(text, _MAX_PARAM)
+
+    plain = _plain(config)
+    if isinstance(plain, Mapping):
+        for k, v in plain.items():
+            walk(str(k), v)
+    return flat
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats become None (JSON has no NaN); other leaves pass or become strings."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return _json_safe(value.item())
+    return str(value)
+
+
+def _log_batch(client: MlflowClient, run_id: str, *, params: Mapping[str, str] | None = None,
+               metrics: Sequence[Any] = (), tags: Mapping[str, Any] | None = None) -> None:
+    """log_batch within MLflow's per-request limits (one request in the usual case)."""
+    from mlflow.entities import Param, RunTag
+
+    p = [Param(_key(k), _clip(v, _MAX_PARAM)) for k, v in (params or {}).items()]
+    t = [RunTag(_key(k), _clip(v, _MAX_TAG)) for k, v in (tags or {}).items()]
+    m = list(metrics)
+    rounds = max(math.ceil(len(p) / _MAX_PARAMS), math.ceil(len(t) / _MAX_TAGS),
+                 math.ceil(len(m) / _MAX_METRICS))
+    for i in range(rounds):
+        client.log_batch(run_id, metrics=m[i * _MAX_METRICS:(i + 1) * _MAX_METRICS],
+                         params=p[i * _MAX_PARAMS:(i + 1) * _MAX_PARAMS],
+                         tags=t[i * _MAX_TAGS:(i + 1) * _MAX_TAGS])
+
+
+def _metric(key: str, value: float, timestamp: int, step: int = 0) -> Any:
+    from mlflow.entities import Metric
+
+    return Metric(_key(key), float(value), timestamp, int(step))
+
+
+def _search_all(client: MlflowClient, experiment_ids: list[str], filter_string: str,
+                order_by: list[str] | None = None) -> list[Run]:
+    runs: list[Run] = []
+    token = None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, max_results=1000,
+                                  order_by=order_by, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _read_artifact(client: MlflowClient, run_id: str, path: str) -> str:
+    with tempfile.TemporaryDirectory(prefix="vlmexp-artifact-") as tmp:
+        local = client.download_artifacts(run_id, path, tmp)
+        return Path(local).read_text()
+
+
+def _direction(text: str) -> str:
+    return "minimize" if text.lower().startswith("min") else "maximize"
+
+
+# ---------------------------------------------------------------------------- the tracker
+
+
+class Tracker:
+    """Logs a study to MLflow: `start` (parent run), `log_trial` per trial, `finish`, `close`.
+
+    Args:
+        tracking_uri: MLflow tracking URI; None is MLflow's default, `sqlite:///mlflow.db` in
+            the working directory.
+        experiment: the experiment's name (one per study); created if missing.
+        study_name: the Optuna study's name; a second Tracker with the same name (a resumed
+            study, another worker) re-uses the study's parent run.
+        artifact_location: where a new experiment keeps artifacts; default `mlruns/` beside a
+            SQLite store's file (`default_artifact_location`).
+
+    Example:
+        >>> with Tracker(tracking_uri="sqlite:///runs/mlflow.db", experiment="demo",
+        ...              study_name="demo") as tracker:  # doctest: +SKIP
+        ...     tracker.start({"search": {"n_trials": 4}}, objectives=["acc"],
+        ...                   directions=["maximize"])
+    """
+
+    def __init__(self, *, tracking_uri: str | None, experiment: str, study_name: str,
+                 artifact_location: str | None = None) -> None:
+        self.tracking_uri = tracking_uri or DEFAULT_URI
+        self.experiment = experiment
+        self.study_name = study_name
+        self.parent_run_id: str | None = None
+        self.objectives: list[str] = []
+        self.directions: list[str] = []
+        self._runs: dict[int, str] = {}  # trial number -> child run id, logged by this process
+        with _tracking(f"MLflow ({self.tracking_uri}): open experiment {experiment!r}"):
+            self.client = _client(self.tracking_uri)
+            self.experiment_id = self._experiment(
+                artifact_location or default_artifact_location(self.tracking_uri, experiment))
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _experiment(self, artifact_location: str | None) -> str:
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is None:
+            try:
+                return self.client.create_experiment(
+                    self.experiment, artifact_location=artifact_location,
+                    tags={EXPERIMENT_KIND: "study"})
+            except MlflowException:  # another worker created it first
+                exp = self.client.get_experiment_by_name(self.experiment)
+                if exp is None:
+                    raise
+        if exp.lifecycle_stage == "deleted":
+            raise TrackingError(f"MLflow experiment {self.experiment!r} is deleted; restore it "
+                                f"(mlflow experiments restore) or choose another name")
+        if exp.tags.get(EXPERIMENT_KIND) != "study":
+            self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, "study")
+        return exp.experiment_id
+
+    def _parents(self) -> list[Run]:
+        runs = _search_all(self.client, [self.experiment_id], f"tags.`{ROLE}` = 'study'",
+                           order_by=["attributes.start_time ASC"])
+        mine = [r for r in runs if r.data.tags.get(STUDY) == self.study_name]
+        return sorted(mine, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
+    # ------------------------------------------------------------------ parent run
+    def start(self, config: Mapping[str, Any], *, objectives: Sequence[str],
+              directions: Sequence[str]) -> str:
+        """Create (or, when resuming, re-use) the study's parent run and log the config.
+
+        The composed config goes to `config.yaml` and to flattened params. A resumed study whose
+        config changed keeps the first values as params, records the changed keys in the tag
+        `vlmexp.config_changed` and the new config as `config.resumed-<time>.yaml`.
+
+        Returns:
+            The parent run's id.
+        """
+        if len(objectives) != len(directions):
+            raise TrackingError(f"{len(objectives)} objectives but {len(directions)} directions")
+        self.objectives = list(objectives)
+        self.directions = [_direction(d) for d in directions]
+        plain = _plain(config)
+        params = flatten_config(plain)
+        text = yaml.safe_dump(plain, sort_keys=False, default_flow_style=False)
+        tags = {ROLE: "study", STUDY: self.study_name, OBJECTIVES: ",".join(self.objectives),
+                DIRECTIONS: ",".join(self.directions)}
+        with _tracking(f"MLflow: start the run of study {self.study_name!r}"):
+            existing = self._parents()
+            if existing:
+                run = existing[0]
+                run_id = run.info.run_id
+                self.client.update_run(run_id, status="RUNNING")
+                logged = run.data.params
+                new = {k: v for k, v in params.items() if k not in logged}
+                changed = sorted(k for k, v in params.items() if k in logged and logged[k] != v)
+                if changed:
+                    tags["vlmexp.config_changed"] = ",".join(changed)
+                _log_batch(self.client, run_id, params=new, tags=tags)
+                has_config = any(f.path == "config.yaml"
+                                 for f in self.client.list_artifacts(run_id))
+                if not has_config:
+                    self.client.log_text(run_id, text, "config.yaml")
+                elif changed or new:
+                    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+                    self.client.log_text(run_id, text, f"config.resumed-{stamp}.yaml")
+            else:
+                run = self.client.create_run(self.experiment_id, run_name=f"study-{self.study_name}",
+                                             tags=tags)
+                run_id = self._settle(run.info.run_id)
+                if run_id == run.info.run_id:
+                    _log_batch(self.client, run_id, params=params)
+                    self.client.log_text(run_id, text, "config.yaml")
+        self.parent_run_id = run_id
+        return run_id
+
+    def _settle(self, run_id: str) -> str:
+        """Two workers that created a parent run at once keep the older one; drop ours if not."""
+        parents = self._parents()
+        if parents and parents[0].info.run_id != run_id:
+            self.client.delete_run(run_id)
+            return parents[0].info.run_id
+        return run_id
+
+    # ------------------------------------------------------------------ trials
+    def log_trial(self, record: TrialRecord) -> str:
+        """Log one trial as a child run of the study's run (status from its state).
+
+        Returns:
+            The child run's id.
+        """
+        if self.parent_run_id is None:
+            raise TrackingError("log_trial before start(): the study has no parent run")
+        state = record.state.upper()
+        if state not in STATUS:
+            raise TrackingError(f"trial {record.number}: state {record.state!r} is not one of "
+                                f"{', '.join(STATUS)}")
+        name = f"trial-{record.number:04d}" + (f" ({record.baseline})" if record.baseline else "")
+        run_id = None
+        with _tracking(f"MLflow: log trial {record.number}"):
+            tags, params, metrics = _trial_entries(record, state, self.parent_run_id,
+                                                   self.study_name)
+            try:
+                run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+                run_id = run.info.run_id
+                _log_batch(self.client, run_id, params=params, metrics=metrics)
+                if record.recipe is not None:
+                    self.client.log_text(run_id, record.recipe.to_yaml(), "recipe.yaml")
+                if record.items is not None:
+                    self.client.log_text(run_id, json.dumps(_json_safe(record.items)),
+                                         "items.json")
+                self.client.set_terminated(run_id, STATUS[state])
+            except Exception:
+                if run_id is not None:  # do not leave a half-logged run RUNNING
+                    try:
+                        self.client.set_terminated(run_id, "FAILED")
+                    except Exception:  # noqa: BLE001 - the first error is the one to report
+                        pass
+                raise
+        self._runs[record.number] = run_id
+        return run_id
+
+    def child_runs(self) -> dict[int, str]:
+        """Trial number -> child run id, for every trial of this study (all workers)."""
+        if self.parent_run_id is None:
+            return dict(self._runs)
+        with _tracking("MLflow: list the study's trial runs"):
+            runs = _search_all(self.client, [self.experiment_id],
+                               f"tags.`{PARENT}` = '{self.parent_run_id}'",
+                               order_by=["attributes.start_time ASC"])
+        found = {int(r.data.tags[TRIAL]): r.info.run_id for r in runs if TRIAL in r.data.tags}
+        return {**found, **self._runs}
+
+    # ------------------------------------------------------------------ end of study
+    def finish(self, study: optuna.Study, *, best: Sequence[TrialRecord] | None = None,
+               test_results: Mapping[int, Mapping[str, float]] | None = None) -> None:
+        """Log the best trial (one objective) or Pareto front (several) and the plots.
+
+        Args:
+            study: the Optuna study.
+            best: records of the best trial / front members (their recipes and metrics are
+                used); default: `study.best_trial(s)`, read back from their runs.
+            test_results: trial number -> metrics on held-out test tasks, added to the table,
+                to those trials' runs and (one objective) to the parent as `test.<metric>`.
+        """
+        if self.parent_run_id is None:
+            raise TrackingError("finish before start(): the study has no parent run")
+        import optuna
+
+        parent = self.parent_run_id
+        with _tracking(f"MLflow: finish study {self.study_name!r}"):
+            runs = self.child_runs()
+            directions = [d.name.lower() for d in study.directions]
+            names = self._objective_names(study, len(directions))
+            multi = len(directions) > 1
+            trials = study.get_trials(deepcopy=False)
+            complete = [t for t in trials
+                        if t.state == optuna.trial.TrialState.COMPLETE and t.values]
+            records = {r.number: r for r in best or ()}
+            if best is not None:
+                chosen = [r.number for r in best]
+            elif multi:
+                chosen = sorted(t.number for t in study.best_trials)
+            else:
+                chosen = [study.best_trial.number] if complete else []
+            by_number = {t.number: t for t in trials}
+            rows = [self._row(n, by_number.get(n), records.get(n), runs, names, test_results)
+                    for n in chosen]
+            table = "pareto_front" if multi else "best"
+            self.client.log_text(parent, json.dumps(_json_safe(rows), indent=2), f"{table}.json")
+            self.client.log_text(parent, _csv(rows), f"{table}.csv")
+            now = int(time.time() * 1000)
+            tags: dict[str, str] = {}
+            metrics = []
+            if multi:
+                tags[PARETO_TRIALS] = ",".join(str(r["trial"]) for r in rows)
+                tags[PARETO_RUNS] = ",".join(str(r["run_id"]) for r in rows if r["run_id"])
+                metrics.append(_metric("pareto.size", len(rows), now))
+            elif rows:
+                top = rows[0]
+                tags[BEST_TRIAL] = str(top["trial"])
+                if top["run_id"]:
+                    tags[BEST_RUN] = top["run_id"]
+                metrics += [_metric(f"best.{k}", v, now) for k, v in top["values"].items()
+                            if v is not None]
+                metrics += [_metric(f"test.{k}", v, now) for k, v in (top["test"] or {}).items()]
+            _log_batch(self.client, parent, metrics=metrics, tags=tags)
+            for number, values in (test_results or {}).items():
+                if number in runs:
+                    _log_batch(self.client, runs[number],
+                               metrics=[_metric(f"test.{k}", v, now) for k, v in values.items()])
+            self._plots(study, trials, complete, names, directions, rows, records)
+
+    def _objective_names(self, study: optuna.Study, count: int) -> list[str]:
+        if len(self.objectives) == count:
+            return list(self.objectives)
+        names = study.metric_names
+        if names and len(names) == count:
+            return list(names)
+        return ["objective"] if count == 1 else [f"objective_{i}" for i in range(count)]
+
+    def _row(self, number: int, trial: optuna.trial.FrozenTrial | None,
+             record: TrialRecord | None, runs: Mapping[int, str], names: list[str],
+             test_results: Mapping[int, Mapping[str, float]] | None) -> dict[str, Any]:
+        run_id = runs.get(number)
+        if record is not None:
+            values: dict[str, Any] = dict(record.values)
+            metrics, params = dict(record.metrics), dict(record.params)
+            baseline, digest = record.baseline, record.weights_digest
+        else:
+            values = dict(zip(names, trial.values or [], strict=False)) if trial else {}
+            params = dict(trial.params) if trial else {}
+            metrics, baseline, digest = {}, None, None
+            if run_id:
+                run = self.client.get_run(run_id)
+                metrics = {k: v for k, v in run.data.metrics.items()
+                           if not k.startswith(_RESERVED_PREFIXES)}
+                baseline = run.data.tags.get(BASELINE)
+                digest = run.data.tags.get(DIGEST)
+        if trial is not None and not values and trial.values:
+            values = dict(zip(names, trial.values, strict=False))
+        test = dict((test_results or {}).get(number) or {}) or None
+        return {"trial": number, "run_id": run_id, "baseline": baseline, "values": values,
+                "metrics": metrics, "test": test, "params": params, "weights_digest": digest}
+
+    def _plots(self, study: optuna.Study, trials: Sequence[Any], complete: Sequence[Any],
+               names: list[str], directions: list[str], rows: list[dict[str, Any]],
+               records: Mapping[int, TrialRecord]) -> None:
+        from vlmexp.search import plots
+
+        parent = self.parent_run_id
+        assert parent is not None
+        numbers = [t.number for t in trials]
+        done = {t.number for t in complete}
+        history = {name: [t.values[i] if t.number in done else None for t in trials]
+                   for i, name in enumerate(names)}
+        self._figure(plots.history_figure(numbers, history, directions),
+                     "plots/optimization_history.png")
+        if len(names) > 1 and complete:
+            self._figure(plots.pareto_figure([t.values for t in complete], names, directions,
+                                             labels=[t.number for t in complete]),
+                         "plots/pareto_front.png")
+        for row in rows[:_MAX_WEIGHT_PLOTS]:
+            record = records.get(row["trial"])
+            recipe = record.recipe if record is not None else None
+            if recipe is None and row["run_id"]:
+                try:
+                    recipe = Recipe.from_yaml_text(_read_artifact(self.client, row["run_id"],
+                                                                  "recipe.yaml"))
+                except Exception as err:  # noqa: BLE001 - a missing plot must not end the study
+                    warnings.warn(f"no weights-vs-depth plot for trial {row['trial']}: "
+                                  f"{_one_line(err)}", stacklevel=2)
+            if recipe is None:
+                continue
+            fig = plots.weights_vs_depth_figure(
+                recipe, title=f"trial {row['trial']} ({recipe.method}): parameters vs depth")
+            if fig is not None:
+                suffix = f"_trial-{row['trial']:04d}" if len(names) > 1 else ""
+                self._figure(fig, f"plots/weights_vs_depth{suffix}.png")
+        importances = self._importances(study, complete, names)
+        if importances:
+            self._figure(plots.importances_figure(importances), "plots/param_importances.png")
+
+    def _importances(self, study: optuna.Study, complete: Sequence[Any],
+                     names: list[str]) -> dict[str, dict[str, float]]:
+        import optuna
+
+        param_names = {p for t in complete for p in t.params}
+        if len(complete) < 4 or len(param_names) < 2:
+            return {}
+        out: dict[str, dict[str, float]] = {}
+        for i, name in enumerate(names):
+            # Optuna 5's default evaluator (PED-ANOVA) ranks by what makes a *target* low
+            sign = -1.0 if study.directions[i] == optuna.study.StudyDirection.MAXIMIZE else 1.0
+            target = (lambda t, i=i, s=sign: s * t.values[i]) if len(names) > 1 else None
+            try:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*low `target` values")
+                    out[name] = dict(optuna.importance.get_param_importances(study,
+                                                                              target=target))
+            except Exception as err:  # noqa: BLE001 - e.g. no parameter common to all trials
+                warnings.warn(f"parameter importances for {name!r} skipped: {_one_line(err)}",
+                              stacklevel=2)
+        return {k: v for k, v in out.items() if v}
+
+    def _figure(self, fig: Any, path: str) -> None:
+        assert self.parent_run_id is not None
+        self.client.log_figure(self.parent_run_id, fig, path, save_kwargs={"dpi": 100})
+
+    def close(self) -> None:
+        """Mark the parent run FINISHED (a resumed study sets it RUNNING again)."""
+        if self.parent_run_id is None:
+            return
+        with _tracking(f"MLflow: close the run of study {self.study_name!r}"):
+            self.client.set_terminated(self.parent_run_id, "FINISHED")
+
+
+def _trial_entries(record: TrialRecord, state: str, parent_run_id: str, study_name: str,
+                   ) -> tuple[dict[str, str], dict[str, str], list[Any]]:
+    """A trial's tags, params and metrics (values that are None are left out)."""
+    tags: dict[str, str] = {PARENT: parent_run_id, ROLE: "trial", STUDY: study_name,
+                            TRIAL: str(record.number), STATE: state}
+    if record.recipe is not None:
+        tags[RECIPE_HASH] = record.recipe.content_hash()
+    if record.weights_digest:
+        tags[DIGEST] = record.weights_digest
+    if record.baseline:
+        tags[BASELINE] = record.baseline
+    if record.reason:
+        tags[REASON] = _one_line(record.reason, _MAX_TAG)
+    params = record.recipe.flat_params() if record.recipe is not None else {}
+    params.update({f"optuna.{k}": json.dumps(v) if isinstance(v, list) else str(v)
+                   for k, v in record.params.items()})
+    now = int(time.time() * 1000)
+    named = [(f"objective.{k}", v, 0) for k, v in record.values.items()]
+    named += [(k, v, 0) for k, v in record.metrics.items()]
+    named += [(f"seconds.{k}", v, 0) for k, v in record.seconds.items()]
+    named += [(f"intermediate.{k}", v, step)
+              for step, values in record.intermediate for k, v in values.items()]
+    metrics = [_metric(k, v, now, step) for k, v, step in named if v is not None]
+    return tags, params, metrics
+
+
+def _csv(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The best / Pareto table as CSV: trial, run, baseline, objectives, metrics, test, params."""
+    flat_rows = []
+    for row in rows:
+        flat: dict[str, Any] = {"trial": row["trial"], "run_id": row["run_id"] or "",
+                                "baseline": row["baseline"] or ""}
+        flat.update({f"objective.{k}": v for k, v in row["values"].items()})
+        flat.update(row["metrics"])
+        flat.update({f"test.{k}": v for k, v in (row["test"] or {}).items()})
+        flat.update({f"param.{k}": v for k, v in row["params"].items()})
+        flat_rows.append(flat)
+    columns: list[str] = []
+    for flat in flat_rows:
+        columns += [c for c in flat if c not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns or ["trial"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(flat_rows)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------- reading back
+
+
+def find_run(tracking_uri: str | None, *, run_id: str | None = None, best: bool = False,
+             experiment: str | None = None) -> RunInfo:
+    """Read a trial run back: by id, or the best run of an experiment.
+
+    `best` takes the parent's `vlmexp.best_run` tag when present, else the COMPLETE trial with
+    the best objective (single-objective studies). Without `experiment`, the vlmexp experiment
+    with the most recent trial is used.
+
+    Raises:
+        TrackingError: one line naming what is missing (run, recipe.yaml, completed trial,
+            experiment).
+
+    Example:
+        >>> info = find_run("sqlite:///runs/mlflow.db", best=True, experiment="demo")  # doctest: +SKIP
+        >>> info.recipe.method, info.values  # doctest: +SKIP
+        ('ties', {'combined': 0.84})
+    """
+    uri = tracking_uri or DEFAULT_URI
+    if (run_id is None) == (not best):
+        raise TrackingError("give either a run id or best=True")
+    _check_store_exists(uri)
+    with _tracking(f"MLflow ({uri})"):
+        client = _client(uri)
+        if run_id is not None:
+            run = _get_run(client, run_id, uri)
+        else:
+            run = _best_run(client, uri, experiment)
+        exp = client.get_experiment(run.info.experiment_id)
+        rid = run.info.run_id
+        try:
+            text = _read_artifact(client, rid, "recipe.yaml")
+        except Exception as err:
+            raise TrackingError(f"run {rid} has no recipe.yaml artifact "
+                                f"({_one_line(err, 120)})") from err
+    recipe = Recipe.from_yaml_text(text, source=f"run {rid}: recipe.yaml")
+    tags, metrics = run.data.tags, run.data.metrics
+    trial = tags.get(TRIAL)
+    return RunInfo(
+        run_id=rid, experiment=exp.name, recipe=recipe, weights_digest=tags.get(DIGEST),
+        metrics={k: v for k, v in metrics.items() if not k.startswith(_RESERVED_PREFIXES)},
+        values={k[len("objective."):]: v for k, v in metrics.items()
+                if k.startswith("objective.")},
+        parent_run_id=tags.get(PARENT), trial=int(trial) if trial is not None else None,
+        state=tags.get(STATE), tracking_uri=uri)
+
+
+def load_study_config(tracking_uri: str | None, run_id: str) -> dict[str, Any]:
+    """The composed config (`config.yaml`) of the study a run belongs to (or of a parent run).
+
+    Example:
+        >>> load_study_config(None, info.run_id)["eval"]["tasks"]  # doctest: +SKIP
+        ['evals/demo/color_shape_val.yaml', 'evals/demo/next_item_val.yaml']
+    """
+    uri = tracking_uri or DEFAULT_URI
+    _check_store_exists(uri)
+    with _tracking(f"MLflow ({uri})"):
+        client = _client(uri)
+        run = _get_run(client, run_id, uri)
+        parent = run.data.tags.get(PARENT, run_id)
+        try:
+            text = _read_artifact(client, parent, "config.yaml")
+        except Exception as err:
+            raise TrackingError(f"run {parent} (the study run of {run_id}) has no config.yaml "
+                                f"artifact ({_one_line(err, 120)})") from err
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise TrackingError(f"run {parent}: config.yaml is not valid YAML") from err
+    if not isinstance(config, dict):
+        raise TrackingError(f"run {parent}: config.yaml is not a mapping")
+    return config
+
+
+def _check_store_exists(uri: str) -> None:
+    """Reading needs an existing SQLite file (MLflow would silently create an empty one)."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and uri[len(prefix):] not in ("", ":memory:"):
+        path = Path(uri[len(prefix):])
+        if not path.is_file():
+            raise TrackingError(f"no MLflow store at {path.resolve()} (tracking URI {uri}); "
+                                f"give the tracking URI the study logged to")
+
+
+def _get_run(client: MlflowClient, run_id: str, uri: str) -> Run:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        raise TrackingError(f"no run {run_id!r} in {uri}") from err
+    if run.info.lifecycle_stage == "deleted":
+        raise TrackingError(f"run {run_id} in {uri} is deleted")
+    return run
+
+
+def _best_run(client: MlflowClient, uri: str, experiment: str | None) -> Run:
+    if experiment is not None:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None or exp.lifecycle_stage == "deleted":
+            raise TrackingError(f"unknown experiment {experiment!r} in {uri}")
+        exp_id, exp_name = exp.experiment_id, exp.name
+    else:
+        exps = client.search_experiments(filter_string=f"tags.`{EXPERIMENT_KIND}` = 'study'")
+        if not exps:
+            raise TrackingError(f"no vlmexp experiment in {uri}")
+        latest = client.search_runs([e.experiment_id for e in exps], f"tags.`{ROLE}` = 'trial'",
+                                    max_results=1, order_by=["attributes.start_time DESC"])
+        if latest:
+            exp_id = latest[0].info.experiment_id
+        else:
+            exp_id = max(exps, key=lambda e: e.last_update_time or 0).experiment_id
+        exp_name = next(e.name for e in exps if e.experiment_id == exp_id)
+    parents = _search_all(client, [exp_id], f"tags.`{ROLE}` = 'study'",
+                          order_by=["attributes.start_time DESC"])
+    for parent in parents:
+        best_run = parent.data.tags.get(BEST_RUN)
+        if best_run:
+            return _get_run(client, best_run, uri)
+    filt = f"tags.`{ROLE}` = 'trial' and tags.`{STATE}` = 'COMPLETE'"
+    trials = _search_all(client, [exp_id], filt)
+    if parents:  # the most recent study's trials, with its objectives and directions
+        tags = parents[0].data.tags
+        objectives = [o for o in tags.get(OBJECTIVES, "").split(",") if o]
+        directions = [_direction(d) for d in tags.get(DIRECTIONS, "").split(",") if d]
+        trials = [r for r in trials if r.data.tags.get(PARENT) == parents[0].info.run_id]
+    else:
+        objectives = sorted({k[len("objective."):] for r in trials for k in r.data.metrics
+                             if k.startswith("objective.")})
+        directions = ["maximize"] * len(objectives)
+    if len(objectives) > 1:
+        front = parents[0].data.tags.get(PARETO_RUNS) if parents else None
+        hint = f" (Pareto front runs: {front})" if front else ""
+        raise TrackingError(f"experiment {exp_name!r} optimizes several objectives "
+                            f"({', '.join(objectives)}): there is no single best run; pick a run "
+                            f"id{hint}")
+    key = f"objective.{objectives[0]}" if objectives else None
+    scored = [r for r in trials if key is not None and key in r.data.metrics
+              and math.isfinite(r.data.metrics[key])]
+    if not scored:
+        raise TrackingError(f"experiment {exp_name!r} has no completed trial")
+    sign = -1.0 if directions and directions[0] == "minimize" else 1.0
+    return max(scored, key=lambda r: (sign * r.data.metrics[key], -(r.info.start_time or 0)))
