@@ -8,9 +8,8 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from optuna.trial import TrialState
-
 from omegaconf import OmegaConf
+from optuna.trial import TrialState
 
 from vlmexp.search.config import compose, validate
 from vlmexp.search.study import BASELINE_ATTR, run_search
