@@ -86,77 +86,118 @@ def task_arithmetic(
     is accepted for mergekit compatibility and changes nothing (a memory option there).
     """
     weights = [float(p["weight"]) for p in donor_params]
-    if sparsification is not None:
-        deltas = [
-            _sparsified(delta, p, params, sparsification, generator, masks[i] if masks else None)
-            for i, (delta, p) in enumerate(zip(deltas, donor_params, strict=True))
-        ]
-
     lam = float(params["lambda"])
-    if consensus is None:
+    if sparsification is None and consensus is None:
         # One pass per donor: base + Σ (lambda·w_i / divisor)·δ_i, folded into the coefficients.
         divisor = sum(weights) if params["normalize"] else 1.0
         scale = lam / (divisor if abs(divisor) >= 1e-8 else 1.0)
         return _weighted_sum(base, 1.0, deltas, [w * scale for w in weights], out=out)
-
-    weighted = base.new_empty((len(deltas), *base.shape))
-    for row, delta, weight in zip(weighted, deltas, weights, strict=True):
-        torch.mul(delta, weight, out=row)
-    agree = _sign_agreement(weighted, consensus)
-    mixed = weighted.mul_(agree).sum(dim=0)
-    if params["normalize"]:
-        shape = (len(weights),) + (1,) * base.dim()
-        w = torch.tensor(weights, dtype=base.dtype, device=base.device).reshape(shape)
-        divisor = agree.mul_(w).sum(dim=0)
-        divisor[divisor == 0] = 1
-        mixed.div_(divisor)
-    if lam != 1:
-        mixed.mul_(lam)
-    return mixed.add_(base)
-
-
-def _sparsified(
-    delta: torch.Tensor,
-    p: DonorParams,
-    params: Params,
-    sparsification: str,
-    generator: torch.Generator | None,
-    mask: torch.Tensor | None,
-) -> torch.Tensor:
-    density = float(p["density"])
-    if density >= 1:
-        return delta
-    if mask is None:
-        mask = sp.sparsify_mask(
-            sparsification,
-            delta,
-            density=density,
-            gamma=float(p.get("gamma", 0.01)),
-            epsilon=float(p.get("epsilon", 0.15)),
-            generator=generator,
-        )
-    return sp.apply_mask(
-        delta,
-        mask,
-        rescale=bool(params["rescale"]),
-        rescale_mode=str(params["rescale_mode"]),
-        sparsification=sparsification,
-        density=density,
-        epsilon=float(p.get("epsilon", 0.15)),
-    )
+    kept = [
+        _KeptDelta.of(delta, p, params, sparsification, generator, masks[i] if masks else None)
+        for i, (delta, p) in enumerate(zip(deltas, donor_params, strict=True))
+    ]
+    if out is None:
+        out = torch.empty_like(base)
+    flat_out, flat_base = out.view(-1), base.reshape(-1)
+    # Elementwise from here on: work in cache-sized chunks, so that the few temporaries stay
+    # in cache and no tensor-sized buffer is allocated (and page-faulted) per merge.
+    for lo in range(0, flat_out.numel(), _CHUNK):
+        hi = min(lo + _CHUNK, flat_out.numel())
+        weighted = [k.chunk(lo, hi).mul_(w) for k, w in zip(kept, weights, strict=True)]
+        if consensus is None:
+            mixed = weighted[0]
+            for part in weighted[1:]:
+                mixed.add_(part)
+            if params["normalize"]:
+                divisor = sum(weights)
+                if abs(divisor) >= 1e-8:
+                    mixed.div_(divisor)
+        else:
+            mixed, divisor = _elect(weighted, weights, consensus)
+            if params["normalize"]:
+                mixed.div_(divisor.add_(divisor == 0))  # a zero divisor counts as 1
+        torch.add(flat_base[lo:hi], mixed, alpha=lam, out=flat_out[lo:hi])
+    return out
 
 
-def _sign_agreement(weighted: torch.Tensor, consensus: str) -> torch.Tensor:
-    """[n, ...] 0/1 mask of entries whose sign equals the elected sign (zeros never agree)."""
-    signs = weighted.sign()
+_CHUNK = 1 << 18  # elements per chunk of the elementwise part (1 MiB of float32)
+
+
+@dataclass
+class _KeptDelta:
+    """A donor's task vector after sparsification: delta · mask · rescale, read by chunks."""
+
+    delta: torch.Tensor  # flat
+    mask: torch.Tensor | None  # flat bool, None = keep all
+    scale: float  # scalar rescale (mergekit's L1 ratio, or 1/density)
+    per_entry: torch.Tensor | None  # flat keep probabilities to divide by (DELLA, paper mode)
+
+    @classmethod
+    def of(cls, delta: torch.Tensor, p: DonorParams, params: Params, sparsification: str | None,
+           generator: torch.Generator | None, mask: torch.Tensor | None) -> _KeptDelta:
+        flat = delta.reshape(-1)
+        density = float(p.get("density", 1.0))
+        if sparsification is None or density >= 1:
+            return cls(flat, None, 1.0, None)
+        if mask is None:
+            mask = sp.sparsify_mask(sparsification, delta, density=density,
+                                    gamma=float(p.get("gamma", 0.01)),
+                                    epsilon=float(p.get("epsilon", 0.15)), generator=generator)
+        if mask is None:
+            return cls(flat, None, 1.0, None)
+        mask = mask.reshape(-1)
+        scale, per_entry = 1.0, None
+        if params["rescale"]:
+            mode = str(params["rescale_mode"])
+            if mode == "mergekit":
+                before = float(flat.abs().sum())
+                after = float(torch.where(mask, flat.abs(), 0).sum())
+                if before >= 1e-7 and after >= 1e-7:
+                    scale = before / after
+            elif mode == "paper":
+                if sparsification == sp.RANK_MAGNITUDE_SAMPLING:
+                    per_entry = sp.rank_magnitude_keep_probs(
+                        delta, density, float(p.get("epsilon", 0.15))).reshape(-1).to(flat.dtype)
+                elif density > 0:
+                    scale = 1 / density
+            else:
+                raise MergeError(f"unknown rescale_mode {mode!r}; known: "
+                                 f"{', '.join(sp.RESCALE_MODES)}")
+        return cls(flat, mask, scale, per_entry)
+
+    def chunk(self, lo: int, hi: int) -> torch.Tensor:
+        """A fresh tensor: this donor's kept, rescaled delta on [lo, hi)."""
+        part = self.delta[lo:hi]
+        part = part * self.mask[lo:hi] if self.mask is not None else part.clone()
+        if self.scale != 1.0:
+            part.mul_(self.scale)
+        if self.per_entry is not None:
+            part.div_(self.per_entry[lo:hi])
+        return part
+
+
+def _elect(weighted: list[torch.Tensor], weights: list[float],
+           consensus: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sign election over weighted deltas: (Σ of the agreeing entries, Σ of their weights).
+
+    The elected sign is that of Σ w_i δ_i ("sum", TIES) or of Σ sign(w_i δ_i) ("count"), +1
+    where that is 0; an entry agrees when its sign equals the elected one (zeros never agree).
+    """
     if consensus == "sum":
-        elected = weighted.sum(dim=0) >= 0
+        total = torch.stack(weighted).sum(dim=0)
     elif consensus == "count":
-        elected = signs.sum(dim=0) >= 0
+        total = torch.stack([w.sign() for w in weighted]).sum(dim=0)
     else:
         raise MergeError(f"unknown consensus {consensus!r}; known: sum, count")
-    elected_sign = elected.to(weighted.dtype).mul_(2).sub_(1)
-    return (signs == elected_sign).to(weighted.dtype)
+    # (plain arithmetic on bool tensors: torch.where with scalars is far slower on CPU)
+    elected = (total >= 0).to(total.dtype).mul_(2).sub_(1)
+    mixed = torch.zeros_like(total)
+    divisor = torch.zeros_like(total)
+    for part, w in zip(weighted, weights, strict=True):
+        agree = part.sign() == elected
+        mixed.add_(part.mul_(agree))
+        divisor.add_(agree.to(total.dtype), alpha=w)
+    return mixed, divisor
 
 
 # --------------------------------------------------------------------------- linear

@@ -1,0 +1,79 @@
+"""Pruning: evaluation time saved, and the quality found, with and without pruning.
+
+Runs the demo study twice from the same seed (same sampler, same number of trials), once with
+pruning off and once with it on, each into its own temporary Optuna and MLflow store, and
+prints from this one run: seconds spent evaluating, the fraction saved, and the best trial's
+combined score on the validation split and on the held-out test split.
+
+Goal (issue 6): >= 40 % of evaluation time saved at equal quality. Not a test.
+
+Usage:
+    python benchmarks/pruning.py [--trials 40] [--seed 0] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def run(pruning: bool, trials: int, seed: int, extra: list[str], workdir: Path) -> dict:
+    import mlflow
+
+    from vlmexp.search.config import compose
+    from vlmexp.search.study import run_search
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = compose([
+        f"search.n_trials={trials}", f"search.seed={seed}",
+        f"search.pruning.enabled={str(pruning).lower()}",
+        f"search.storage=sqlite:///{workdir / 'optuna.db'}",
+        f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
+        f"study_name=pruning-{'on' if pruning else 'off'}", *extra,
+    ])
+    result = run_search(cfg, progress=True)
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
+    exp = client.get_experiment_by_name(str(cfg.study_name))
+    runs = client.search_runs([exp.experiment_id], "tags.`vlmexp.role` = 'trial'",
+                              max_results=10000)
+    eval_s = sum(r.data.metrics.get("seconds.eval", 0.0) for r in runs)
+    best = result.best[0]
+    test = result.test.get(best.number, {})
+    return {"eval_s": eval_s, "val": best.value, "test": test.get("combined", float("nan")),
+            "pruned": sum(r.data.tags.get("vlmexp.state") == "PRUNED" for r in runs),
+            "trials": len(runs), "total_s": result.seconds}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("overrides", nargs="*", help="more config overrides for both runs")
+    args = ap.parse_args()
+    from vlmexp.search.study import resolve_models
+    from vlmexp.search.config import compose
+
+    resolve_models(compose().models)  # build the zoo first, outside both timings
+    with tempfile.TemporaryDirectory(prefix="pruning-") as tmp:
+        off = run(False, args.trials, args.seed, args.overrides, Path(tmp) / "off")
+        on = run(True, args.trials, args.seed, args.overrides, Path(tmp) / "on")
+    print(f"{'':<14}{'trials':>7}{'pruned':>8}{'eval s':>9}{'study s':>9}{'best val':>10}"
+          f"{'best test':>10}")
+    for name, r in (("pruning off", off), ("pruning on", on)):
+        print(f"{name:<14}{r['trials']:>7}{r['pruned']:>8}{r['eval_s']:>9.1f}{r['total_s']:>9.1f}"
+              f"{r['val']:>10.3f}{r['test']:>10.3f}")
+    saved = 1 - on["eval_s"] / off["eval_s"]
+    print(f"evaluation time saved: {saved:.0%} (goal >= 40%); best test combined "
+          f"{on['test']:.3f} with pruning vs {off['test']:.3f} without")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
