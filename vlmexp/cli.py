@@ -12,7 +12,7 @@ import os
 import sys
 
 # One explicit list; the order is the order of `--help`.
-COMMANDS = ("inspect", "merge", "export", "evaluate", "search", "reproduce")
+COMMANDS = ("inspect", "merge", "export", "evaluate", "search", "reproduce", "zoo")
 
 
 def build_parser() -> argparse.ArgumentParser:
