@@ -40,6 +40,16 @@ class LmEvalOutput:
 def _quiet() -> None:
     for name in ("lm-eval", "lm_eval", "lm_eval.models.huggingface", "lm_eval.evaluator"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # lm-eval draws a "building requests" bar per task per call and offers no switch for it;
+    # a search calls it once per trial, so that module's tqdm is made silent.
+    import functools
+
+    import datasets
+    import lm_eval.api.task
+    from tqdm import tqdm
+
+    lm_eval.api.task.tqdm = functools.partial(tqdm, disable=True)
+    datasets.disable_progress_bars()
 
 
 def text_only_inputs(model: torch.nn.Module, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -265,7 +265,7 @@ def run_trial(s: Setup, trial: optuna.Trial, pareto_screen: list[dict[str, float
             if reason:
                 raise _Pruned(reason)
         record.seconds["eval"] = eval_seconds
-        record.values = {o: values[o] for o in s.objectives}
+        record.values = dict(values)  # every eval objective; the study is told its own
         record.metrics = metrics
         record.state = "COMPLETE"
     except _Pruned as pruned:
