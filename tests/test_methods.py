@@ -292,14 +292,14 @@ def test_magnitude_mask_keeps_at_least_one() -> None:
 def test_slerp_formula(t: float) -> None:
     base, deltas = _tensors(1)
     donor = base + deltas[0]
-    ours = _merge64("slerp", base, [donor], [{"t": t}])
+    ours = _merge64("slerp", base, [donor - base], [{"t": t}])
     torch.testing.assert_close(ours, ref_slerp(base, donor, t), atol=1e-12, rtol=0)
 
 
 def test_slerp_collinear_falls_back_to_lerp() -> None:
     base = torch.linspace(1, 2, 10, dtype=F64)
     donor = base * 3  # cos = 1
-    ours = _merge64("slerp", base, [donor], [{"t": 0.25}])
+    ours = _merge64("slerp", base, [donor - base], [{"t": 0.25}])
     torch.testing.assert_close(ours, base * 1.5, atol=1e-12, rtol=0)
 
 
@@ -418,3 +418,65 @@ def test_errors_name_the_fault() -> None:
     with pytest.raises(MergeError, match="rescale_mode"):
         merge_tensor("dare_linear", base, deltas, [{"weight": 1, "density": 0.5}] * 2,
                      {"rescale_mode": "l2"})
+
+
+# ----------------------------------------------------------------------------- fused CPU kernel
+
+
+@pytest.mark.parametrize(("method", "donor_params", "params"), [
+    ("task_arithmetic", [{"weight": 0.7, "density": 0.6}, {"weight": -0.4}], {"lambda": 0.9}),
+    ("ties", [{"weight": 1.0, "density": 0.4}, {"weight": 0.6, "density": 0.7}], {}),
+    ("ties", [{"weight": 1.0, "density": 0.4}, {"weight": 0.6, "density": 0.7}],
+     {"normalize": False, "lambda": 1.3, "rescale": True}),
+    ("breadcrumbs_ties", [{"weight": 1.0, "density": 0.8, "gamma": 0.05},
+                          {"weight": 0.5, "density": 0.9}], {"normalize": True}),
+    ("dare_linear", [{"weight": 1.0, "density": 0.5}, {"weight": 0.5, "density": 0.5}], {}),
+    ("della", [{"weight": 1.0, "density": 0.5}, {"weight": 0.8, "density": 0.6}], {}),
+])
+def test_fused_kernel_equals_the_torch_path(monkeypatch, method, donor_params, params):
+    """Above kernels.MIN_ELEMENTS the CPU merge runs one fused loop; it must equal the
+    elementwise torch path (which GPUs use) on the same inputs and masks."""
+    from vlmexp.merge import kernels, methods
+
+    if kernels.numba is None:
+        pytest.skip("numba is not installed")
+    g = torch.Generator().manual_seed(0)
+    n = kernels.MIN_ELEMENTS * 3 + 5
+    base = torch.randn(n, generator=g)
+    deltas = [torch.randn(n, generator=g) * s for s in (0.02, 0.05)]
+    masks = [methods.sparsify_mask(method, d, p, params, torch.Generator().manual_seed(i))
+             for i, (d, p) in enumerate(zip(deltas, donor_params, strict=True))]
+    fused = torch.empty(n)
+    state = merge_tensor(method, base, deltas, donor_params, params, masks=masks, out=fused,
+                         check_finite=True)
+    assert state is fused
+    monkeypatch.setattr(kernels, "available", lambda tensors: False)
+    reference = merge_tensor(method, base, deltas, donor_params, params, masks=masks)
+    assert (fused - reference).abs().max().item() <= 1e-6
+    assert not torch.equal(fused, base)
+
+
+def test_non_finite_values_are_reported_on_the_fused_path():
+    from vlmexp.merge import kernels
+
+    if kernels.numba is None:
+        pytest.skip("numba is not installed")
+    n = kernels.MIN_ELEMENTS
+    deltas = [torch.zeros(n), torch.zeros(n)]
+    deltas[1][7] = float("inf")
+    with pytest.raises(MergeError, match="1 merged values are NaN or inf"):
+        merge_tensor("ties", torch.zeros(n), deltas, [{"weight": 1.0}] * 2, {},
+                     out=torch.empty(n), check_finite=True)
+
+
+def test_slerp_memo_gives_the_same_result():
+    g = torch.Generator().manual_seed(3)
+    base, delta = torch.randn(50, generator=g), torch.randn(50, generator=g)
+    memo: dict = {}
+    first = merge_tensor("slerp", base, [delta], [{"t": 0.3}], {}, memo=memo)
+    assert set(memo) == {"slerp"}
+    memo["slerp"] = tuple(memo["slerp"])
+    again = merge_tensor("slerp", base, [delta], [{"t": 0.3}], {}, memo=memo)
+    assert torch.equal(first, again)
+    other = merge_tensor("slerp", base, [delta], [{"t": 0.3}], {}, memo={"slerp": (1.0, 0.0, 1.0)})
+    assert not torch.allclose(first, other)  # the memoised statistics are what it uses

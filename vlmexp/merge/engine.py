@@ -132,6 +132,7 @@ class MergeEngine:
         self._input_digests: dict[str, str] = {}
         self._dirty: set[str] = set()
         self.masks = _MaskCache(mask_cache_bytes)
+        self._memo: dict[tuple[str, ...], dict[str, Any]] = {}  # per (tensor, donors) statistics
         for name, donor in (donors or {}).items():
             expected = (maps or {}).get(name, "auto")
             self.add_donor(name, donor, map=expected, progress=progress)
@@ -255,7 +256,6 @@ class MergeEngine:
                     continue
                 self._dirty.add(name)
                 self._merge_one(recipe, spec, params, info, donors, math_dtype, cache_masks)
-                self._check_finite(name)
                 written += 1
                 merged += 1
         except MergeError:
@@ -297,12 +297,13 @@ class MergeEngine:
         else:
             base_m = base.to(math_dtype)
             inputs = [base_m + delta for delta in deltas]
+        memo = self._memo.setdefault((name, *donors), {})
         try:
             methods.merge_tensor(recipe.method, base, inputs, donor_params, params,
                                  generator=generator, masks=masks, dtype=math_dtype,
-                                 out=self._params[name].data)
+                                 out=self._params[name].data, memo=memo, check_finite=True)
         except MergeError as err:
-            raise MergeError(f"{name}: {err}") from None
+            raise MergeError(f"merged tensor {name}: {err}") from None
 
     def _check_finite(self, name: str) -> None:
         # A float sum is a vectorised pass and NaN/inf propagate through it; only when it is not

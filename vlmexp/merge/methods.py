@@ -13,6 +13,7 @@ dtype they are given (`merge_tensor` converts) and return a fresh tensor.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from vlmexp.errors import MergeError
+from vlmexp.merge import kernels
 from vlmexp.merge import sparsify as sp
 
 
@@ -74,6 +76,7 @@ def task_arithmetic(
     generator: torch.Generator | None = None,
     masks: Sequence[torch.Tensor | None] | None = None,
     out: torch.Tensor | None = None,
+    **_: Any,
 ) -> torch.Tensor:
     """base + lambda · Σ w_i · sparsify(δ_i) [· sign-consensus mask] [/ normalizer].
 
@@ -98,6 +101,12 @@ def task_arithmetic(
     ]
     if out is None:
         out = torch.empty_like(base)
+    if kernels.available([out, base, *deltas]) and all(k.per_entry is None for k in kept):
+        # one fused pass instead of a dozen elementwise ones (see vlmexp/merge/kernels.py)
+        kernels.merge(out, base, [k.delta for k in kept], [k.mask for k in kept],
+                      [k.scale for k in kept], weights, lam=lam,
+                      normalize=bool(params["normalize"]), consensus=consensus)
+        return out
     flat_out, flat_base = out.view(-1), base.reshape(-1)
     # Elementwise from here on: work in cache-sized chunks, so that the few temporaries stay
     # in cache and no tensor-sized buffer is allocated (and page-faulted) per merge.
@@ -247,36 +256,46 @@ def _weighted_sum(
 
 def slerp(
     base: torch.Tensor,
-    donors: Sequence[torch.Tensor],
+    deltas: Sequence[torch.Tensor],
     donor_params: Sequence[DonorParams],
     params: Params,
     out: torch.Tensor | None = None,
+    memo: dict[str, Any] | None = None,
     **_: Any,
 ) -> torch.Tensor:
     """Spherical interpolation from the base (t = 0) to the one donor (t = 1), whole tensor.
 
     As mergekit: the angle is that of the flattened tensors; norms below `epsilon` count as 1;
     when |cos| > `dot_threshold` (near-collinear) it falls back to linear interpolation.
+    Computed from the task vector δ: with b·b, b·δ and δ·δ (memoised in `memo`, since they do
+    not depend on t) the donor's norm and the angle need no pass over the weights, and the
+    result c0·b + c1·(b + δ) = (c0 + c1)·b + c1·δ is two passes, like task arithmetic.
     """
     t = float(donor_params[0]["t"])
-    v0, v1 = base, donors[0]
-    if v0.numel() == 0:
-        return torch.lerp(v0, v1, t)
+    delta = deltas[0]
+    if base.numel() == 0:
+        return torch.add(base, delta, alpha=t, out=out)
+    stats = memo.get("slerp") if memo is not None else None
+    if stats is None:
+        b, d = base.reshape(-1), delta.reshape(-1)
+        stats = (float(torch.dot(b, b)), float(torch.dot(b, d)), float(torch.dot(d, d)))
+        if memo is not None:
+            memo["slerp"] = stats
+    bb, bd, dd = stats
     eps = float(params["epsilon"])
-    norm0 = float(torch.linalg.vector_norm(v0))
-    norm1 = float(torch.linalg.vector_norm(v1))
+    norm0 = math.sqrt(max(bb, 0.0))
+    norm1 = math.sqrt(max(bb + 2 * bd + dd, 0.0))
     norm0 = norm0 if norm0 > eps else 1.0
     norm1 = norm1 if norm1 > eps else 1.0
-    dot = float(torch.dot(v0.reshape(-1), v1.reshape(-1))) / (norm0 * norm1)
-    dot = min(1.0, max(-1.0, dot))
+    dot = min(1.0, max(-1.0, (bb + bd) / (norm0 * norm1)))
     if abs(dot) > float(params["dot_threshold"]):
         coef0, coef1 = 1 - t, t
     else:
-        theta = torch.acos(torch.tensor(dot, dtype=torch.float64))
-        sin_theta = torch.sin(theta)
-        coef0 = float(torch.sin((1 - t) * theta) / sin_theta)
-        coef1 = float(torch.sin(t * theta) / sin_theta)
-    return torch.mul(v0, coef0, out=out).add_(v1, alpha=coef1)
+        theta = math.acos(dot)
+        sin_theta = math.sin(theta)
+        coef0 = math.sin((1 - t) * theta) / sin_theta
+        coef1 = math.sin(t * theta) / sin_theta
+    return torch.mul(base, coef0 + coef1, out=out).add_(delta, alpha=coef1)
 
 
 # --------------------------------------------------------------------------- nuslerp
@@ -532,7 +551,7 @@ _SPECS: list[MethodSpec] = [
     ),
     MethodSpec(
         name="slerp",
-        inputs="weights",
+        inputs="deltas",
         donor_params=(ParamDef("t", None, 0.0, 1.0, doc="0 = base, 1 = donor"),),
         method_params=(
             ParamDef("dot_threshold", 0.9995, 0.0, 1.0, doc="above: linear interpolation"),
@@ -687,6 +706,8 @@ def merge_tensor(
     masks: Sequence[torch.Tensor | None] | None = None,
     dtype: torch.dtype = torch.float32,
     out: torch.Tensor | None = None,
+    memo: dict[str, Any] | None = None,
+    check_finite: bool = False,
 ) -> torch.Tensor:
     """Merge one tensor: `method` over the base and the donors, in `dtype`, cast to base's dtype.
 
@@ -703,6 +724,10 @@ def merge_tensor(
         dtype: the math dtype.
         out: where to write the result (base's shape; must not alias an input). Methods that
             can accumulate straight into it do (saving a pass over memory); the others copy.
+        memo: a dict kept by the caller per (tensor, donors): methods memoise statistics there
+            that depend only on the inputs, not on the parameters (slerp's norms and dot).
+        check_finite: raise MergeError when the result has a NaN or an inf (one vectorised
+            sum; the elementwise test runs only when that sum is not finite).
 
     Returns:
         `out` when given, else a new tensor of base's shape and dtype; inputs are unchanged.
@@ -744,9 +769,23 @@ def merge_tensor(
         generator=generator,
         masks=masks,
         out=direct,
+        memo=memo,
     )
     if out is not None:
         if result is not out:
             out.copy_(result)
-        return out
-    return result.to(base.dtype)
+        result = out
+    else:
+        result = result.to(base.dtype)
+    if check_finite:
+        _check_finite(result)
+    return result
+
+
+def _check_finite(t: torch.Tensor) -> None:
+    # NaN and inf propagate through a float sum (one vectorised pass); only when the sum is not
+    # finite (or overflowed) does the slower elementwise test decide.
+    if t.is_floating_point() and not math.isfinite(float(t.sum())):
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise MergeError(f"{bad} merged values are NaN or inf")

@@ -1,0 +1,92 @@
+"""Fused CPU kernels for the merges eager torch cannot make memory-bound.
+
+A sign-consensus merge (TIES and relatives) is a dozen elementwise operations per entry; in
+eager torch each is a pass of its own, so the merge is compute-bound at a few percent of the
+memory bandwidth. One numba loop does the whole formula per entry, reading each input once and
+writing the result once. Same math, entry for entry, as `methods.task_arithmetic`'s chunked
+torch path (which serves GPUs, and CPUs when numba is missing); float64 accumulation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+try:
+    import numba
+    import numpy as np
+except ImportError:  # pragma: no cover - numba is a dependency; the torch path stays correct
+    numba = None
+
+MIN_ELEMENTS = 1 << 16  # below this the torch path is as fast and needs no compilation
+
+
+def available(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether the fused kernel can take these (contiguous float32 CPU tensors, numba present)."""
+    return numba is not None and all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+        for t in tensors) and tensors[0].numel() >= MIN_ELEMENTS
+
+
+if numba is not None:
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def _merge(out, base, deltas, masks, has_mask, scales, weights, lam, normalize,
+               mode):  # pragma: no cover - compiled
+        # mode 0: no consensus (a weighted sum, normalised by Σ w_i); 1: elect the sign of
+        # Σ w_i s_i δ_i m_i; 2: elect by counting signs. +1 is elected at 0; entries agreeing
+        # with it are summed and, when normalize, divided by their weights (0 counts as 1).
+        n = len(deltas)
+        weight_sum = 0.0
+        for i in range(n):
+            weight_sum += weights[i]
+        for j in numba.prange(out.size):
+            total = 0.0
+            for i in range(n):
+                v = deltas[i][j] * scales[i] * weights[i]
+                if has_mask[i] and not masks[i][j]:
+                    v = 0.0
+                if mode == 2:
+                    total += (v > 0) - (v < 0)
+                else:
+                    total += v
+            if mode == 0:
+                if normalize and abs(weight_sum) >= 1e-8:
+                    total /= weight_sum
+                out[j] = base[j] + lam * total
+                continue
+            elected = 1.0 if total >= 0 else -1.0
+            mixed = 0.0
+            divisor = 0.0
+            for i in range(n):
+                v = deltas[i][j] * scales[i] * weights[i]
+                if has_mask[i] and not masks[i][j]:
+                    v = 0.0
+                sign = (v > 0) - (v < 0)
+                if sign == elected:
+                    mixed += v
+                    divisor += weights[i]
+            if normalize:
+                if divisor == 0:
+                    divisor = 1.0
+                mixed /= divisor
+            out[j] = base[j] + lam * mixed
+
+
+def merge(out: torch.Tensor, base: torch.Tensor, deltas: Sequence[torch.Tensor],
+          masks: Sequence[torch.Tensor | None], scales: Sequence[float],
+          weights: Sequence[float], *, lam: float, normalize: bool,
+          consensus: str | None) -> None:
+    """out = base + lam · Σ_i w_i·s_i·(δ_i·m_i) over the entries agreeing with the elected sign
+    (all entries without a consensus), divided by the agreeing weights when `normalize`."""
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    empty = np.zeros(0, dtype=np.bool_)
+    out_np = out.view(-1).numpy()
+    # homogeneous tuples (one compiled specialisation per donor count, cached on disk)
+    d_list = tuple(d.reshape(-1).numpy() for d in deltas)
+    m_list = tuple(m.reshape(-1).numpy() if m is not None else empty for m in masks)
+    has_mask = np.array([m is not None for m in masks], dtype=np.bool_)
+    _merge(out_np, base.reshape(-1).numpy(), d_list, m_list, has_mask,
+           np.asarray(scales, dtype=np.float64), np.asarray(weights, dtype=np.float64),
+           float(lam), bool(normalize), {None: 0, "sum": 1, "count": 2}[consensus])
