@@ -10,23 +10,14 @@ import torch
 from vlmexp.errors import MergeError, RecipeError
 from vlmexp.merge.engine import MergeEngine
 from vlmexp.merge.recipe import Recipe
-from vlmexp.zoo.tiny import build
-
-
-def perturbed(name: str, seed: int, scale: float = 0.02) -> torch.nn.Module:
-    model = build(name, seed=0)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
+from vlmexp.zoo.tiny import build, perturb
 
 
 @pytest.fixture(scope="module")
 def family():
     """A tiny LLaVA base, a fine-tuned relative, and a Llama with the LLaVA's text config."""
     base = build("llava", seed=0)
-    vqa = perturbed("llava", 1)
+    vqa = perturb(build("llava", seed=0), 1)
     llm = build("llama", seed=0)
     # the text expert starts from the base's language model, then drifts
     state = {k.replace("model.language_model.", "model."): v

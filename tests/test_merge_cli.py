@@ -13,15 +13,7 @@ from safetensors.torch import load_file
 from vlmexp.cli import main
 from vlmexp.merge.engine import MergeEngine
 from vlmexp.merge.recipe import Recipe
-from vlmexp.zoo.tiny import build
-
-
-def _perturb(model: torch.nn.Module, seed: int, scale: float) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
+from vlmexp.zoo.tiny import build, perturb
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +23,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("merge_cli")
     out = {}
     for name, seed, scale in [("base", 0, 0.0), ("d1", 1, 0.02), ("d2", 2, 0.05)]:
-        model = _perturb(build("llava", seed=0), seed, scale)
+        model = perturb(build("llava", seed=0), seed, scale)
         out[name] = root / name
         model.save_pretrained(out[name], save_original_format=False)
         if name == "d1":

@@ -65,7 +65,8 @@ class SpaceConfig:
 class PruningConfig:
     enabled: bool = True
     rungs: list[float] = field(default_factory=lambda: [0.25])  # fractions evaluated before all
-    pruner: str = "median"  # median | halving (one objective); several: dominated screening
+    pruner: str = "percentile"  # percentile | median | halving (one objective)
+    percentile: float = 50.0  # percentile pruner: stop a trial below this percentile at a rung
     startup_trials: int = 6  # complete trials before anything is pruned
     margin: float = 0.02  # several objectives: how far a trial must be dominated at a rung
 
@@ -151,7 +152,7 @@ def validate(raw: Any) -> DictConfig:
 def _check_choices(cfg: DictConfig) -> None:
     choices = {
         "search.sampler": (cfg.search.sampler, ("tpe", "cmaes", "gp", "nsga2", "random")),
-        "search.pruning.pruner": (cfg.search.pruning.pruner, ("median", "halving")),
+        "search.pruning.pruner": (cfg.search.pruning.pruner, ("percentile", "median", "halving")),
         "merge.vocab": (cfg.merge.vocab, ("error", "common_rows")),
     }
     for key, (value, allowed) in choices.items():

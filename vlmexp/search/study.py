@@ -321,7 +321,11 @@ def _pruner(cfg: DictConfig) -> optuna.pruners.BasePruner:
         return optuna.pruners.NopPruner()
     if p.pruner == "halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
-    return optuna.pruners.MedianPruner(n_startup_trials=0, n_warmup_steps=0)
+    if p.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=0, n_warmup_steps=0)
+    # maximising: a trial whose rung value is below the given percentile of the others' stops
+    return optuna.pruners.PercentilePruner(100 - float(p.percentile), n_startup_trials=0,
+                                           n_warmup_steps=0)
 
 
 # ---------------------------------------------------------------------- the loop

@@ -168,3 +168,13 @@ def build(name: str, seed: int = 0) -> torch.nn.Module:
         raise KeyError(f"unknown tiny architecture {name!r}; known: {', '.join(BUILDERS)}")
     torch.manual_seed(seed)
     return BUILDERS[name]().eval()
+
+
+def perturb(model: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.nn.Module:
+    """Add seeded Gaussian noise of std `scale` to every parameter, in place (a stand-in for
+    fine-tuning in tests and benchmarks); returns the model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype), alpha=scale)
+    return model
