@@ -102,3 +102,28 @@ def test_study_runs_baselines_first_prunes_and_resumes(tmp_path, models, monkeyp
     assert statuses.get("COMPLETE") == "FINISHED"
     if "PRUNED" in statuses:
         assert statuses["PRUNED"] == "KILLED"
+
+
+@pytest.mark.slow
+def test_two_objectives_make_a_pareto_study(tmp_path, models, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = config(tmp_path, models, "search.n_trials=7", "search.objectives=[vl,text]",
+                 "search.pruning.startup_trials=2", "search.pruning.margin=0.0",
+                 "study_name=pareto")
+    result = run_search(cfg, progress=False)
+    study = optuna.load_study(study_name="pareto", storage=cfg.search.storage)
+    assert len(study.directions) == 2 and len(study.trials) == 7
+    front = {t.number for t in study.best_trials}
+    assert {t.number for t in result.best} == front
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    # nothing on the front is dominated by another complete trial
+    for t in result.best:
+        assert not any(o.values[0] >= t.values[0] and o.values[1] >= t.values[1]
+                       and o.values != t.values for o in complete)
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
+    exp = client.get_experiment_by_name("pareto")
+    parent = [r for r in client.search_runs([exp.experiment_id])
+              if r.data.tags.get("vlmexp.role") == "study"][0]
+    assert parent.data.metrics["pareto.size"] == len(front)

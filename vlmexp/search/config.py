@@ -64,7 +64,7 @@ class SpaceConfig:
 @dataclass
 class PruningConfig:
     enabled: bool = True
-    rungs: list[float] = field(default_factory=lambda: [0.25])  # fractions evaluated before all
+    rungs: list[float] = field(default_factory=lambda: [0.25, 0.5])  # fractions evaluated first
     pruner: str = "percentile"  # percentile | median | halving (one objective)
     percentile: float = 50.0  # percentile pruner: stop a trial below this percentile at a rung
     startup_trials: int = 6  # complete trials before anything is pruned

@@ -226,7 +226,7 @@ def _rung_stops(evaluator: Any, fractions: Sequence[float]) -> list[int | None]:
     return [s for s in stops if s < longest] + [None]
 
 
-def run_trial(s: Setup, trial: optuna.Trial, pareto_screen: list[dict[str, float]]) -> Any:
+def run_trial(s: Setup, trial: optuna.Trial, screen: dict[int, list[dict[str, float]]]) -> Any:
     """Merge and evaluate one trial; returns a tracking record. Raises nothing but KeyboardInterrupt."""
     from vlmexp.search.tracking import TrialRecord
 
@@ -261,7 +261,7 @@ def run_trial(s: Setup, trial: optuna.Trial, pareto_screen: list[dict[str, float
             if stop is None:
                 break
             start = stop
-            reason = _should_prune(s, trial, rung, done, values, pareto_screen)
+            reason = _should_prune(s, trial, rung, done, values, screen.get(rung, []))
             if reason:
                 raise _Pruned(reason)
         record.seconds["eval"] = eval_seconds
@@ -284,7 +284,7 @@ def run_trial(s: Setup, trial: optuna.Trial, pareto_screen: list[dict[str, float
 
 
 def _should_prune(s: Setup, trial: optuna.Trial, rung: int, done: int,
-                  values: Mapping[str, float], pareto_screen: list[dict[str, float]]) -> str | None:
+                  values: Mapping[str, float], others: list[dict[str, float]]) -> str | None:
     pruning = s.cfg.search.pruning
     if len(s.objectives) == 1:
         trial.report(values[s.objectives[0]], step=rung)
@@ -296,10 +296,10 @@ def _should_prune(s: Setup, trial: optuna.Trial, rung: int, done: int,
         if trial.should_prune():
             return f"{s.objectives[0]}={value:.3f} after {done} items (rung {rung}, {pruning.pruner})"
         return None
-    # several objectives: stop a trial that a complete trial dominates on the screening rung
+    # several objectives: stop a trial that a complete trial dominated at the same rung
     margin = float(pruning.margin)
     mine = [values[o] for o in s.objectives]
-    for other in pareto_screen:
+    for other in others:
         theirs = [other[o] for o in s.objectives]
         if all(t >= m + margin for t, m in zip(theirs, mine, strict=True)):
             return (f"dominated after {done} items: "
@@ -364,19 +364,20 @@ def run_search(cfg: DictConfig, *, progress: bool = True) -> SearchResult:
     done_states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     bar = _progress(target, len(s.study.get_trials(deepcopy=False, states=done_states)),
                     progress)
-    pareto_screen: list[dict[str, float]] = _screen_values(s)
+    # several objectives: the rung values of this process's complete trials, by rung
+    screen: dict[int, list[dict[str, float]]] = {}
     try:
         while len(s.study.get_trials(deepcopy=False, states=done_states)) < target:
             if timeout is not None and time.perf_counter() - t0 > float(timeout):
                 print(f"timeout: {timeout} s reached, no new trial started", file=sys.stderr)
                 break
             trial = s.study.ask()
-            record = run_trial(s, trial, pareto_screen)
+            record = run_trial(s, trial, screen)
             _tell(s, trial, record)
             s.tracker.log_trial(record)
             if record.state == "COMPLETE" and len(s.objectives) > 1:
-                first = record.intermediate[0][1] if record.intermediate else record.values
-                pareto_screen.append(dict(first))
+                for rung, (_, at_rung) in enumerate(record.intermediate[:-1]):
+                    screen.setdefault(rung, []).append(dict(at_rung))
             bar.update(1)
             bar.set_postfix_str(_postfix(s, record))
     finally:
@@ -401,15 +402,6 @@ def _tell(s: Setup, trial: optuna.Trial, record: Any) -> None:
     else:
         trial.set_user_attr("reason", record.reason)
         s.study.tell(trial, state=TrialState.FAIL)
-
-
-def _screen_values(s: Setup) -> list[dict[str, float]]:
-    """First-rung values of complete trials (a resumed study starts with its own history)."""
-    out = []
-    for t in s.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if len(t.values) == len(s.objectives):
-            out.append(dict(zip(s.objectives, t.values, strict=True)))
-    return out
 
 
 def _best(s: Setup) -> list[Any]:
