@@ -175,3 +175,16 @@ def test_cli_evaluates_a_recipe_merged_in_memory(tmp_path, tiny, tiny_processor)
                   ["items"]["example_shapes_jsonl"]] for k in "rmb"}
     assert torch.allclose(torch.tensor(scores["r"]), torch.tensor(scores["m"]), atol=1e-5)
     assert not torch.allclose(torch.tensor(scores["r"]), torch.tensor(scores["b"]), atol=1e-3)
+
+
+def test_cli_takes_the_eval_group_of_the_search_config(tmp_path, capsys):
+    out = tmp_path / "e.json"
+    assert main(["evaluate", "tiny:llava", "eval=demo", "--test", "--stop", "2",
+                 "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["metrics"]) == {"demo_color_shape_test", "demo_next_item_test"}
+    assert set(data["objectives"]) == {"vl", "text", "combined"}
+    assert all(len(items) == 2 for items in data["items"].values())
+    capsys.readouterr()
+    assert main(["evaluate", "tiny:llava", "eval=nope"]) == 2
+    assert "Could not find 'eval/nope'" in capsys.readouterr().err

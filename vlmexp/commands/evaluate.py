@@ -3,8 +3,9 @@
 Scores a model on evaluation tasks (image-text and lm-eval), prints a table per task and per
 objective and writes the same, with per-item results, as JSON. MODEL is a checkpoint folder
 (opened with `vlmexp.checkpoint.open_model`), a recipe YAML (merged in memory first, from its
-base and donor folders) or `tiny:NAME` (a tiny random model with its tiny processor). Tasks come from `--tasks` (YAML files or folders) or from `--eval-config`, a YAML with
-`tasks`, `objectives` and `batch_size` (paths relative to that file).
+base and donor folders) or `tiny:NAME` (a tiny random model with its tiny processor). Tasks come from `--tasks` (YAML files or folders), from `--eval-config`, a YAML with `tasks`,
+`objectives` and `batch_size` (paths relative to that file), or else from the `eval` group of
+`conf/` with Hydra overrides (`eval=demo`, the default; `--test` for its held-out tasks).
 
 Example:
     $ python -m vlmexp evaluate tiny:llava --tasks evals/examples --out eval.json
@@ -35,6 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "evaluate", help="score a model on evaluation tasks and objectives",
         description=__doc__.splitlines()[0])
     p.add_argument("model", metavar="MODEL", help="model folder, recipe YAML or tiny:NAME")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="without --tasks/--eval-config: the eval group of conf/ (e.g. eval=demo)")
+    p.add_argument("--test", action="store_true",
+                   help="with the eval group: its held-out test tasks and objectives")
     p.add_argument("--tasks", nargs="+", metavar="TASK", help="task YAML files or folders")
     p.add_argument("--eval-config", metavar="FILE",
                    help="YAML with tasks, objectives, batch_size (paths relative to it)")
@@ -123,8 +128,12 @@ def build_evaluator(args: argparse.Namespace, processor: Any) -> Evaluator:
             cfg = {**cfg, "tasks": [os.path.abspath(t) for t in args.tasks]}
     elif args.tasks:
         cfg, base = {"tasks": args.tasks}, Path(".")
-    else:
-        raise EvalError("give --tasks or --eval-config")
+    else:  # the search config's eval group (Hydra overrides such as eval=demo)
+        from vlmexp.search.config import compose
+        from vlmexp.search.study import _eval_config
+
+        cfg, base = _eval_config(compose(getattr(args, "overrides", []) or []),
+                                 test=getattr(args, "test", False)), Path(".")
     if args.batch_size:
         cfg = {**cfg, "batch_size": args.batch_size}
     cfg = {**cfg, "device": getattr(args, "device", "cpu")}
