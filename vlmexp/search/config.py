@@ -65,8 +65,9 @@ class SpaceConfig:
 class PruningConfig:
     enabled: bool = True
     rungs: list[float] = field(default_factory=lambda: [0.25, 0.5])  # fractions evaluated first
-    pruner: str = "percentile"  # percentile | median | halving (one objective)
+    pruner: str = "percentile"  # percentile | median | halving | paired (one objective)
     percentile: float = 50.0  # percentile pruner: stop a trial below this percentile at a rung
+    p_threshold: float = 0.1  # paired pruner: stop when a sign test against the best gives p below
     startup_trials: int = 6  # complete trials before anything is pruned
     margin: float = 0.02  # several objectives: how far a trial must be dominated at a rung
 
@@ -152,7 +153,8 @@ def validate(raw: Any) -> DictConfig:
 def _check_choices(cfg: DictConfig) -> None:
     choices = {
         "search.sampler": (cfg.search.sampler, ("tpe", "cmaes", "gp", "nsga2", "random")),
-        "search.pruning.pruner": (cfg.search.pruning.pruner, ("percentile", "median", "halving")),
+        "search.pruning.pruner": (cfg.search.pruning.pruner, ("percentile", "median", "halving",
+                                                                "paired")),
         "merge.vocab": (cfg.merge.vocab, ("error", "common_rows")),
     }
     for key, (value, allowed) in choices.items():

@@ -226,7 +226,47 @@ def _rung_stops(evaluator: Any, fractions: Sequence[float]) -> list[int | None]:
     return [s for s in stops if s < longest] + [None]
 
 
-def run_trial(s: Setup, trial: optuna.Trial, screen: dict[int, list[dict[str, float]]]) -> Any:
+@dataclass
+class History:
+    """What this process has seen complete, for pruning decisions.
+
+    `screen`: per rung, the objective values of complete trials (several objectives);
+    `best_items`: (task, item index) → correct for the best complete trial (the paired test).
+    """
+
+    screen: dict[int, list[dict[str, float]]] = field(default_factory=dict)
+    best_value: float | None = None
+    best_items: dict[tuple[str, int], bool] = field(default_factory=dict)
+
+    def add(self, record: Any, objectives: Sequence[str]) -> None:
+        if record.state != "COMPLETE":
+            return
+        if len(objectives) > 1:
+            for rung, (_, at_rung) in enumerate(record.intermediate[:-1]):
+                self.screen.setdefault(rung, []).append(dict(at_rung))
+        value = record.values[objectives[0]]
+        if len(objectives) == 1 and record.items and (self.best_value is None
+                                                       or value > self.best_value):
+            self.best_value = value
+            self.best_items = {(task, int(i["index"])): bool(i["correct"])
+                               for task, items in record.items.items() for i in items}
+
+
+def paired_p_value(worse: int, better: int) -> float:
+    """One-sided sign test: P(at least `worse` of `worse + better` discordant items go against
+    the trial) when the trial and the reference are equally good.
+
+    Example:
+        >>> round(paired_p_value(8, 1), 4)
+        0.0195
+    """
+    n = worse + better
+    if n == 0:
+        return 1.0
+    return sum(math.comb(n, k) for k in range(worse, n + 1)) / 2 ** n
+
+
+def run_trial(s: Setup, trial: optuna.Trial, history: History) -> Any:
     """Merge and evaluate one trial; returns a tracking record. Raises nothing but KeyboardInterrupt."""
     from vlmexp.search.tracking import TrialRecord
 
@@ -261,7 +301,7 @@ def run_trial(s: Setup, trial: optuna.Trial, screen: dict[int, list[dict[str, fl
             if stop is None:
                 break
             start = stop
-            reason = _should_prune(s, trial, rung, done, values, screen.get(rung, []))
+            reason = _should_prune(s, trial, rung, done, values, parts, history)
             if reason:
                 raise _Pruned(reason)
         record.seconds["eval"] = eval_seconds
@@ -278,18 +318,36 @@ def run_trial(s: Setup, trial: optuna.Trial, screen: dict[int, list[dict[str, fl
         if not isinstance(err, (MergeError, EvalError)):
             traceback.print_exc(file=sys.stderr)
     record.seconds["total"] = time.perf_counter() - t_start
-    if cfg.tracking.log_items and parts:
+    if parts:
         record.items = _items_json(parts)
     return record
 
 
 def _should_prune(s: Setup, trial: optuna.Trial, rung: int, done: int,
-                  values: Mapping[str, float], others: list[dict[str, float]]) -> str | None:
+                  values: Mapping[str, float], parts: list[Any], history: History) -> str | None:
     pruning = s.cfg.search.pruning
     if len(s.objectives) == 1:
         trial.report(values[s.objectives[0]], step=rung)
     complete = s.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if len(complete) < pruning.startup_trials:
+        return None
+    if len(s.objectives) == 1 and pruning.pruner == "paired":
+        # the items scored so far against the same items of the best trial: prune when the
+        # trial is significantly worse there (one-sided sign test)
+        if not history.best_items:
+            return None
+        worse = better = 0
+        for part in parts:
+            for task, items in part.items.items():
+                for item in items:
+                    ref = history.best_items.get((task, int(item.index)))
+                    if ref is None or ref == bool(item.correct):
+                        continue
+                    worse, better = (worse + 1, better) if ref else (worse, better + 1)
+        p = paired_p_value(worse, better)
+        if p < float(pruning.p_threshold):
+            return (f"worse than the best on {worse} items, better on {better} after {done} "
+                    f"items (sign test p={p:.3f})")
         return None
     if len(s.objectives) == 1:
         value = values[s.objectives[0]]
@@ -299,7 +357,7 @@ def _should_prune(s: Setup, trial: optuna.Trial, rung: int, done: int,
     # several objectives: stop a trial that a complete trial dominated at the same rung
     margin = float(pruning.margin)
     mine = [values[o] for o in s.objectives]
-    for other in others:
+    for other in history.screen.get(rung, []):
         theirs = [other[o] for o in s.objectives]
         if all(t >= m + margin for t, m in zip(theirs, mine, strict=True)):
             return (f"dominated after {done} items: "
@@ -321,6 +379,8 @@ def _pruner(cfg: DictConfig) -> optuna.pruners.BasePruner:
         return optuna.pruners.NopPruner()
     if p.pruner == "halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
+    if p.pruner == "paired":  # decided in _should_prune from per-item results
+        return optuna.pruners.NopPruner()
     if p.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=0, n_warmup_steps=0)
     # maximising: a trial whose rung value is below the given percentile of the others' stops
@@ -364,20 +424,19 @@ def run_search(cfg: DictConfig, *, progress: bool = True) -> SearchResult:
     done_states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     bar = _progress(target, len(s.study.get_trials(deepcopy=False, states=done_states)),
                     progress)
-    # several objectives: the rung values of this process's complete trials, by rung
-    screen: dict[int, list[dict[str, float]]] = {}
+    history = History()
     try:
         while len(s.study.get_trials(deepcopy=False, states=done_states)) < target:
             if timeout is not None and time.perf_counter() - t0 > float(timeout):
                 print(f"timeout: {timeout} s reached, no new trial started", file=sys.stderr)
                 break
             trial = s.study.ask()
-            record = run_trial(s, trial, screen)
+            record = run_trial(s, trial, history)
             _tell(s, trial, record)
+            history.add(record, s.objectives)
+            if not cfg.tracking.log_items:
+                record.items = None
             s.tracker.log_trial(record)
-            if record.state == "COMPLETE" and len(s.objectives) > 1:
-                for rung, (_, at_rung) in enumerate(record.intermediate[:-1]):
-                    screen.setdefault(rung, []).append(dict(at_rung))
             bar.update(1)
             bar.set_postfix_str(_postfix(s, record))
     finally:
