@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -244,7 +243,10 @@ class MergeEngine:
                     self._dirty.add(name)
                     param = self._params[name].data
                     param.copy_(self._base[name].to(math_dtype) + tv)
-                    self._check_finite(name)
+                    try:
+                        methods.assert_finite(param)
+                    except MergeError as err:
+                        raise MergeError(f"merged tensor {name}: {err}") from None
                     written += 1
                     continue
                 donors = [d for d in recipe.participants(comp) if name in self.task_vectors[d]]
@@ -304,14 +306,6 @@ class MergeEngine:
                                  out=self._params[name].data, memo=memo, check_finite=True)
         except MergeError as err:
             raise MergeError(f"merged tensor {name}: {err}") from None
-
-    def _check_finite(self, name: str) -> None:
-        # A float sum is a vectorised pass and NaN/inf propagate through it; only when it is not
-        # finite (or overflowed) does the slower elementwise check decide.
-        param = self._params[name].detach()
-        if param.is_floating_point() and not math.isfinite(float(param.sum())):
-            if not bool(torch.isfinite(param).all()):
-                raise MergeError(f"merged tensor {name} has NaN or inf values")
 
     def reset(self) -> None:
         """Give every parameter the base's weights back."""

@@ -778,11 +778,12 @@ def merge_tensor(
     else:
         result = result.to(base.dtype)
     if check_finite:
-        _check_finite(result)
+        assert_finite(result)
     return result
 
 
-def _check_finite(t: torch.Tensor) -> None:
+def assert_finite(t: torch.Tensor) -> None:
+    """Raise MergeError when `t` holds a NaN or an inf."""
     # NaN and inf propagate through a float sum (one vectorised pass); only when the sum is not
     # finite (or overflowed) does the slower elementwise test decide.
     if t.is_floating_point() and not math.isfinite(float(t.sum())):
