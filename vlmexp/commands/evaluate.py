@@ -129,11 +129,12 @@ def build_evaluator(args: argparse.Namespace, processor: Any) -> Evaluator:
     elif args.tasks:
         cfg, base = {"tasks": args.tasks}, Path(".")
     else:  # the search config's eval group (Hydra overrides such as eval=demo)
-        from vlmexp.search.config import compose
-        from vlmexp.search.study import _eval_config
+        from vlmexp.search.config import compose, eval_config, to_dict
 
-        cfg, base = _eval_config(compose(getattr(args, "overrides", []) or []),
-                                 test=getattr(args, "test", False)), Path(".")
+        composed = compose(getattr(args, "overrides", []) or [])
+        cfg = eval_config(to_dict(composed.eval), device=getattr(args, "device", "cpu"),
+                          test=getattr(args, "test", False))
+        base = Path(".")
     if args.batch_size:
         cfg = {**cfg, "batch_size": args.batch_size}
     cfg = {**cfg, "device": getattr(args, "device", "cpu")}

@@ -82,13 +82,14 @@ def _evaluate(info: RunInfo, engine: MergeEngine) -> None:
     """Re-run the study's evaluation on the rebuilt model; print logged vs now."""
     from vlmexp.errors import EvalError
     from vlmexp.eval import Evaluator
+    from vlmexp.search.config import eval_config
     from vlmexp.search.tracking import load_study_config
 
     config = load_study_config(info.tracking_uri, info.run_id)
     if not isinstance(config.get("eval"), dict):
         raise EvalError(f"run {info.run_id}: the study's config.yaml has no 'eval' mapping "
                         f"to evaluate with")
-    evaluator = Evaluator.from_config(_eval_config(config["eval"], engine.device),
+    evaluator = Evaluator.from_config(eval_config(config["eval"], device=engine.device),
                                       engine.processor)
     result = evaluator.evaluate(engine.model)
     now = {f"objective.{k}": v for k, v in result.objectives.items()}
@@ -96,18 +97,6 @@ def _evaluate(info: RunInfo, engine: MergeEngine) -> None:
     logged = {f"objective.{k}": v for k, v in info.values.items()}
     logged.update(info.metrics)
     print(format_comparison(logged, now))
-
-
-def _eval_config(cfg: dict, device: str) -> dict:
-    """The study's `eval` node as the search evaluated it: task paths relative to the working
-    directory or else the project, and the model's device."""
-    from vlmexp.search.config import PROJECT_ROOT
-
-    tasks = cfg.get("tasks") or []
-    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
-    resolved = [p if Path(p).is_absolute() or Path(p).exists() else str(PROJECT_ROOT / p)
-                for p in map(str, tasks)]
-    return {**cfg, "tasks": resolved, "device": device}
 
 
 def format_comparison(logged: dict[str, float], now: dict[str, float]) -> str:

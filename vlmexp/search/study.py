@@ -17,7 +17,6 @@ import time
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -27,7 +26,7 @@ from optuna.trial import TrialState
 from vlmexp.errors import ConfigError, EvalError, MergeError, VlmexpError
 from vlmexp.merge.engine import MergeEngine
 from vlmexp.merge.recipe import ModelRef, Recipe
-from vlmexp.search.config import PROJECT_ROOT, to_dict
+from vlmexp.search.config import eval_config, to_dict
 from vlmexp.search.space import SearchSpace
 
 BASELINE_ATTR = "vlmexp.baseline"
@@ -99,31 +98,17 @@ def _setup_engine(cfg: DictConfig, base: ModelRef, donors: list[ModelRef]) -> Me
     return engine
 
 
-def _eval_config(cfg: DictConfig, *, test: bool = False) -> dict[str, Any]:
-    e = to_dict(cfg.eval)
-    tasks = e["test_tasks"] if test else e["tasks"]
-    objectives = e["test_objectives"] if test else e["objectives"]
-    return {"tasks": [str(_project_path(t)) for t in tasks], "objectives": objectives,
-            "batch_size": e["batch_size"], "device": _device(cfg)}
-
-
 def _device(cfg: DictConfig) -> str:
     from vlmexp.checkpoint import resolve_device
 
     return resolve_device(None if cfg.device == "auto" else str(cfg.device))
 
 
-def _project_path(path: str) -> Path:
-    p = Path(path)
-    if p.is_absolute() or p.exists():
-        return p
-    return PROJECT_ROOT / p
-
-
 def _setup_evaluator(cfg: DictConfig, processor: Any, *, test: bool = False) -> Any:
     from vlmexp.eval import Evaluator
 
-    return Evaluator.from_config(_eval_config(cfg, test=test), processor)
+    return Evaluator.from_config(eval_config(to_dict(cfg.eval), device=_device(cfg), test=test),
+                                 processor)
 
 
 def _sampler(cfg: DictConfig, n_objectives: int) -> optuna.samplers.BaseSampler:
@@ -235,12 +220,14 @@ class History:
     """
 
     screen: dict[int, list[dict[str, float]]] = field(default_factory=dict)
+    complete: int = 0  # complete trials of the study (others' as of start-up, then ours)
     best_value: float | None = None
     best_items: dict[tuple[str, int], bool] = field(default_factory=dict)
 
     def add(self, record: Any, objectives: Sequence[str]) -> None:
         if record.state != "COMPLETE":
             return
+        self.complete += 1
         if len(objectives) > 1:
             for rung, (_, at_rung) in enumerate(record.intermediate[:-1]):
                 self.screen.setdefault(rung, []).append(dict(at_rung))
@@ -328,8 +315,7 @@ def _should_prune(s: Setup, trial: optuna.Trial, rung: int, done: int,
     pruning = s.cfg.search.pruning
     if len(s.objectives) == 1:
         trial.report(values[s.objectives[0]], step=rung)
-    complete = s.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if len(complete) < pruning.startup_trials:
+    if history.complete < pruning.startup_trials:
         return None
     if len(s.objectives) == 1 and pruning.pruner == "paired":
         # the items scored so far against the same items of the best trial: prune when the
@@ -424,7 +410,8 @@ def run_search(cfg: DictConfig, *, progress: bool = True) -> SearchResult:
     done_states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     bar = _progress(target, len(s.study.get_trials(deepcopy=False, states=done_states)),
                     progress)
-    history = History()
+    history = History(complete=len(s.study.get_trials(deepcopy=False,
+                                                      states=(TrialState.COMPLETE,))))
     try:
         while len(s.study.get_trials(deepcopy=False, states=done_states)) < target:
             if timeout is not None and time.perf_counter() - t0 > float(timeout):
