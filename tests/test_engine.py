@@ -155,6 +155,26 @@ def test_non_finite_result_names_the_tensor_and_resets(family):
     assert engine.weights_digest() == before
 
 
+def test_deferred_finite_check_of_a_gpu_names_the_tensor_and_resets(family):
+    # on a GPU the per-tensor sums are read back once at the end; the same path, run here
+    bad = copy.deepcopy(family["vqa"])
+    with torch.no_grad():
+        bad.model.language_model.layers[1].mlp.up_proj.weight[2, 3] = float("nan")
+    engine = MergeEngine(copy.deepcopy(family["base"]), {"vqa": bad}, progress=False)
+    engine._defer_checks = True
+    before = engine.weights_digest()
+    ok = Recipe.from_dict({"method": "task_arithmetic", "base": {"path": "b"},
+                           "donors": [{"name": "vqa", "path": "v"}],
+                           "components": {"vision": {"vqa": {"weight": 0.5}}}})
+    assert engine.apply(ok).merged > 0
+    bad_recipe = Recipe.from_dict({"method": "task_arithmetic", "base": {"path": "b"},
+                                   "donors": [{"name": "vqa", "path": "v"}],
+                                   "components": {"language": {"vqa": {"weight": 0.5}}}})
+    with pytest.raises(MergeError, match=r"layers\.1\.mlp\.up_proj\.weight: 1 merged values"):
+        engine.apply(bad_recipe)
+    assert engine.weights_digest() == before
+
+
 def test_recipe_naming_an_unloaded_donor_or_wrong_digest_is_refused(engine, family):
     r = Recipe.from_dict({"method": "task_arithmetic", "base": {"path": "b"},
                           "donors": [{"name": "ocr", "path": "o"}],

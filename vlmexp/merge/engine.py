@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -114,6 +115,9 @@ class MergeEngine:
         from vlmexp.checkpoint import resolve_device
 
         self.device = resolve_device(device)
+        # see apply: a GPU's finite checks are read back once per apply, not once per tensor
+        self._defer_checks = not self.device.startswith("cpu")
+        self._pending: list[tuple[str, torch.Tensor]] | None = None
         self.vocab = vocab
         self.math_dtype = math_dtype
         loaded = _as_loaded(base, self.device)
@@ -232,6 +236,10 @@ class MergeEngine:
         cache_masks = spec.sparsification is not None and methods.mask_is_deterministic(
             recipe.method)
         written = merged = 0
+        # On a GPU the finite check of each tensor is a sum left on the device and read once at
+        # the end (reading each one back would wait for the device per tensor); on the CPU it
+        # runs per tensor, while the tensor is still in cache.
+        self._pending = [] if self._defer_checks else None
         try:
             for name, info in self.layout.params.items():
                 comp = info.component
@@ -243,10 +251,7 @@ class MergeEngine:
                     self._dirty.add(name)
                     param = self._params[name].data
                     param.copy_(self._base[name].to(math_dtype) + tv)
-                    try:
-                        methods.assert_finite(param)
-                    except MergeError as err:
-                        raise MergeError(f"merged tensor {name}: {err}") from None
+                    self._check_finite(name, param)
                     written += 1
                     continue
                 donors = [d for d in recipe.participants(comp) if name in self.task_vectors[d]]
@@ -260,9 +265,11 @@ class MergeEngine:
                 self._merge_one(recipe, spec, params, info, donors, math_dtype, cache_masks)
                 written += 1
                 merged += 1
+            self._check_pending()
         except MergeError:
             self.reset()
             raise
+        _synchronize(self.device)
         seconds = time.perf_counter() - start
         t0 = time.perf_counter()
         digest = self.weights_digest()
@@ -303,9 +310,32 @@ class MergeEngine:
         try:
             methods.merge_tensor(recipe.method, base, inputs, donor_params, params,
                                  generator=generator, masks=masks, dtype=math_dtype,
-                                 out=self._params[name].data, memo=memo, check_finite=True)
+                                 out=self._params[name].data, memo=memo)
         except MergeError as err:
             raise MergeError(f"merged tensor {name}: {err}") from None
+        self._check_finite(name, self._params[name].data)
+
+    def _check_finite(self, name: str, t: torch.Tensor) -> None:
+        """Raise MergeError naming `name` when `t` has a NaN or an inf (on a GPU: at the end)."""
+        if self._pending is not None and t.is_floating_point():
+            self._pending.append((name, t.sum()))
+            return
+        try:
+            methods.assert_finite(t)
+        except MergeError as err:
+            raise MergeError(f"merged tensor {name}: {err}") from None
+
+    def _check_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if not pending:
+            return
+        sums = torch.stack([s.float() for _, s in pending]).cpu().tolist()
+        for (name, _), total in zip(pending, sums, strict=True):
+            if not math.isfinite(total):
+                try:
+                    methods.assert_finite(self._params[name].data)
+                except MergeError as err:
+                    raise MergeError(f"merged tensor {name}: {err}") from None
 
     def reset(self) -> None:
         """Give every parameter the base's weights back."""
@@ -325,7 +355,7 @@ class MergeEngine:
         for name in self.layout.params:
             words = _words(self._params[name].detach())
             sums.append(torch.stack([words.sum(), words[::7].sum()]))
-        values = torch.stack(sums).cpu().tolist() if sums else []
+        values = torch.stack(sums).cpu().tolist() if sums else []  # .cpu() waits for the device
         h = hashlib.sha256()
         for (name, info), pair in zip(self.layout.params.items(), values, strict=True):
             h.update(f"{name}|{info.shape}|{info.dtype}|{pair[0]}|{pair[1]};".encode())
@@ -361,6 +391,12 @@ def _words(t: torch.Tensor) -> torch.Tensor:
 def _tensor_seed(seed: int, name: str) -> int:
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _synchronize(device: str) -> None:
+    """Wait for the device's queued work, so that timings count it (cuda runs asynchronously)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
 def _cpu_or(device: str | None) -> str:

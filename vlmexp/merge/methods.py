@@ -108,10 +108,12 @@ def task_arithmetic(
                       normalize=bool(params["normalize"]), consensus=consensus)
         return out
     flat_out, flat_base = out.view(-1), base.reshape(-1)
-    # Elementwise from here on: work in cache-sized chunks, so that the few temporaries stay
-    # in cache and no tensor-sized buffer is allocated (and page-faulted) per merge.
-    for lo in range(0, flat_out.numel(), _CHUNK):
-        hi = min(lo + _CHUNK, flat_out.numel())
+    # Elementwise from here on: on the CPU, work in cache-sized chunks, so that the few
+    # temporaries stay in cache and no tensor-sized buffer is allocated (and page-faulted) per
+    # merge; on a GPU, one chunk (per-chunk kernel launches would cost more than the math).
+    step = _CHUNK if out.device.type == "cpu" else max(flat_out.numel(), 1)
+    for lo in range(0, flat_out.numel(), step):
+        hi = min(lo + step, flat_out.numel())
         weighted = [k.chunk(lo, hi).mul_(w) for k, w in zip(kept, weights, strict=True)]
         if consensus is None:
             mixed = weighted[0]
