@@ -13,7 +13,7 @@ Goals (issue 3): task_arithmetic >= 80 %, ties >= 40 %, slerp >= 30 % of the bou
 faster than mergekit's route. Not a test: these machines are noisy, so compare within one run.
 
 Usage:
-    python benchmarks/merge_speed.py [--scale 1.0] [--repeats 3] [--skip-mergekit]
+    python benchmarks/merge_speed.py [--scale 1.0] [--repeats 5] [--skip-mergekit] [--device cuda]
 """
 
 from __future__ import annotations
@@ -69,21 +69,25 @@ class Bandwidth:
     a figure from minutes earlier may not hold); the best seen so far is the one used.
     """
 
-    def __init__(self) -> None:
-        self.src = torch.randn(1 << 28)
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self.src = torch.randn(1 << 28, device=device)
         self.dst = torch.empty_like(self.src)
         self.dst.copy_(self.src)
         self.best = 0.0
 
     def sample(self) -> float:
-        seconds = _timed(lambda: self.dst.copy_(self.src))
+        seconds = _timed(lambda: self.dst.copy_(self.src), self.device)
         self.best = max(self.best, 2 * self.src.numel() * 4 / seconds)
         return self.best
 
 
-def _timed(fn) -> float:
+def _timed(fn, device: str = "cpu") -> float:
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - t0
 
 
@@ -107,6 +111,7 @@ def main() -> int:
     ap.add_argument("--scale", type=float, default=1.0, help="language model width factor")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--device", default="cpu", help="where the engine merges (cpu or cuda)")
     args = ap.parse_args()
 
     from vlmexp.merge.engine import MergeEngine
@@ -115,10 +120,10 @@ def main() -> int:
     threads = torch.get_num_threads()
     base = llava_shaped(args.scale)
     n = sum(p.numel() for p in base.parameters())
-    print(f"model: {n / 1e6:.0f}M float32 parameters, {threads} threads")
+    print(f"model: {n / 1e6:.0f}M float32 parameters, {threads} threads, device {args.device}")
     d1, d2 = noisy_copy(base, 1), noisy_copy(base, 2)
-    bw = Bandwidth()
-    engine = MergeEngine(base, {"d1": d1, "d2": d2}, progress=False)
+    bw = Bandwidth(args.device)
+    engine = MergeEngine(base, {"d1": d1, "d2": d2}, device=args.device, progress=False)
 
     # bytes per element the merge must read and write
     must_move = {"task_arithmetic": 4 * 4, "ties": 4 * 4 + 2 * 1, "slerp": 3 * 4}
@@ -146,7 +151,7 @@ def main() -> int:
     apply_s = min(engine.apply(Recipe.from_dict(recipe_dict("task_arithmetic", "base",
                                                             ["d1", "d2"]))).seconds
                   for _ in range(args.repeats))
-    if args.skip_mergekit or shutil.which("mergekit-yaml") is None:
+    if args.skip_mergekit or args.device != "cpu" or shutil.which("mergekit-yaml") is None:
         print("mergekit route: skipped")
         return 0
     tmp = Path(tempfile.mkdtemp(prefix="merge_speed-"))
