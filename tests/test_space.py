@@ -59,6 +59,43 @@ def test_shared_weights_are_one_per_donor():
             == recipe.components["language"]["vqa"]["weight"] == trial.params["vqa.weight"])
 
 
+def test_tied_components_share_one_value_per_donor():
+    comps = {"vision": {"vqa": {"weight": [0.0, 1.5]}},
+             "language": {"vqa": {"weight": [0.0, 1.0]}, "text": {"weight": [0.0, 1.5]}},
+             "head": {"vqa": {"weight": [0.0, 1.0]}, "text": {"weight": [0.0, 1.5]}}}
+    sp = space(components=comps, tie=[["language", "head"]])
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=4))
+    trial = study.ask()
+    recipe = sp.suggest(trial)
+    assert set(trial.params) == {"vision.vqa.weight", "language+head.vqa.weight",
+                                 "language+head.text.weight"}
+    for donor in ("vqa", "text"):
+        assert (recipe.components["language"][donor]["weight"]
+                == recipe.components["head"][donor]["weight"]
+                == trial.params[f"language+head.{donor}.weight"])
+    assert sp.params_for(recipe) == trial.params
+    # a recipe whose tied components differ is outside the space
+    data = recipe.to_dict()
+    data["components"]["head"]["vqa"]["weight"] = 0.123456
+    from vlmexp.merge.recipe import Recipe
+
+    assert sp.params_for(Recipe.from_dict(data)) is None
+
+
+@pytest.mark.parametrize("tie, message", [
+    ([["language"]], "needs 2 or more"),
+    ([["language", "embed"]], "'embed' is not in space.components"),
+    ([["language", "head"], ["head", "vision"]], "'head' is in two groups"),
+    ([["language", "vision"]], r"vqa\.weight differs between its components"),
+])
+def test_bad_tie_is_one_line_error(tie, message):
+    comps = {"vision": {"vqa": {"weight": [0.0, 1.5]}},
+             "language": {"vqa": {"weight": [0.0, 1.0]}},
+             "head": {"vqa": {"weight": [0.0, 1.0]}}}
+    with pytest.raises(ConfigError, match=message):
+        space(components=comps, tie=tie)
+
+
 def test_method_choice_and_pins():
     sp = space(methods=["task_arithmetic", "ties"], pin=["vision"],
                parameters={"lambda": [0.5, 1.5]})

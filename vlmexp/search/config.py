@@ -59,6 +59,7 @@ class SpaceConfig:
     methods: list[str] = field(default_factory=list)  # a choice of methods (empty: merge.method)
     pin: list[str] = field(default_factory=list)  # components kept as the base's
     take: dict[str, str] = field(default_factory=dict)  # component -> donor, copied verbatim
+    tie: list[list[str]] = field(default_factory=list)  # groups sharing one value per donor
     shared: bool = False  # one value per donor and parameter for all components (a global merge)
 
 

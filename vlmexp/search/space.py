@@ -3,11 +3,13 @@
 A space names, per component and donor, each method parameter as a range `[low, high]` (searched)
 or a plain value (fixed); method-level parameters likewise; optionally K knots over depth for a
 component (a depth schedule: K searched values, linearly interpolated); optionally a choice of
-methods; components pinned to the base or taken verbatim from a donor; and `shared` for one value
-per donor across all components (a global merge).
+methods; components pinned to the base or taken verbatim from a donor; `tie` for groups of
+components that share one value per donor (e.g. the language model with its embeddings and
+head); and `shared` for one value per donor across all components (a global merge).
 
-Optuna parameter names: `{component}.{donor}.{param}` (`.{k}` for knot k), `{donor}.{param}`
-when shared, `parameters.{name}` for method-level ones, `method` for the method choice.
+Optuna parameter names: `{component}.{donor}.{param}` (`.{k}` for knot k), `{c1+c2+...}.{donor}.
+{param}` for a tied group, `{donor}.{param}` when shared, `parameters.{name}` for method-level
+ones, `method` for the method choice.
 
 Example:
     >>> from vlmexp.merge.recipe import ModelRef
@@ -41,7 +43,7 @@ class SearchSpace:
     """Per-component merge parameters as Optuna distributions (see the module docstring).
 
     Args:
-        space: the `space` config (components, parameters, knots, methods, pin, take, shared).
+        space: the `space` config (components, parameters, knots, methods, pin, take, tie, shared).
         merge: the `merge` config (method, parameters, dtype, seed, vocab).
         base: the base model reference; donors: the donors, in recipe order.
     """
@@ -57,6 +59,8 @@ class SearchSpace:
         self.pin: list[str] = list(space.get("pin") or [])
         self.take: dict[str, str] = dict(space.get("take") or {})
         self.shared: bool = bool(space.get("shared", False))
+        self.tie: list[list[str]] = [[str(c) for c in group] for group in (space.get("tie") or [])]
+        self._label: dict[str, str] = {c: "+".join(g) for g in self.tie for c in g}
         self.fixed_parameters: dict[str, Any] = dict(merge.get("parameters") or {})
         self.dtype = str(merge.get("dtype", "float32"))
         self.seed = int(merge.get("seed", 0))
@@ -99,6 +103,7 @@ class SearchSpace:
         for comp in [*self.pin, *self.take]:
             if comp not in COMPONENTS:
                 raise ConfigError(f"space: unknown component {comp!r} in pin/take")
+        self._check_tie()
         # the extremes of every range must make valid recipes
         for method in self.methods:
             for end in (0, 1):
@@ -106,6 +111,33 @@ class SearchSpace:
                     self.recipe_from_params(self._corner(method, end))
                 except RecipeError as err:
                     raise ConfigError(f"space: {err}") from None
+
+    def _check_tie(self) -> None:
+        if self.tie and self.shared:
+            raise ConfigError("space.tie: shared=true already ties every component; use one")
+        seen: set[str] = set()
+        for group in self.tie:
+            label = "+".join(group)
+            if len(group) < 2:
+                raise ConfigError(f"space.tie: group [{', '.join(group)}] needs 2 or more "
+                                  "components")
+            for comp in group:
+                if comp not in self.components:
+                    raise ConfigError(f"space.tie.{label}: {comp!r} is not in space.components")
+                if comp in seen:
+                    raise ConfigError(f"space.tie: {comp!r} is in two groups")
+                if comp in self.knots:
+                    raise ConfigError(f"space.tie.{label}: {comp!r} has knots; a tied group "
+                                      "shares one value")
+                seen.add(comp)
+            specs: dict[tuple[str, str], Any] = {}
+            for comp in group:
+                for donor, params in self.components[comp].items():
+                    for key, value in params.items():
+                        if specs.setdefault((donor, key), value) != value:
+                            raise ConfigError(
+                                f"space.tie.{label}: {donor}.{key} differs between its "
+                                f"components ({specs[(donor, key)]!r} vs {value!r} in {comp})")
 
     def _corner(self, method: str, end: int) -> dict[str, Any]:
         params: dict[str, Any] = {"method": method} if len(self.methods) > 1 else {}
@@ -145,7 +177,10 @@ class SearchSpace:
                         out += [(f"{comp}.{donor}.{key}.{k}", value)
                                 for k in range(self.knots[comp])]
                     else:
-                        out.append((f"{comp}.{donor}.{key}", value))
+                        name = f"{self._label.get(comp, comp)}.{donor}.{key}"
+                        if name not in seen:
+                            seen.add(name)
+                            out.append((name, value))
         return out
 
     def _merged_components(self) -> list[str]:
@@ -194,7 +229,7 @@ class SearchSpace:
                                  for k in range(self.knots[comp])]
                         values[key] = knots if len(knots) > 1 else knots[0]
                     else:
-                        values[key] = params[f"{comp}.{donor}.{key}"]
+                        values[key] = params[f"{self._label.get(comp, comp)}.{donor}.{key}"]
                 components.setdefault(comp, {})[donor] = values
         return Recipe.from_dict({
             "vlmexp_recipe": 1, "method": method,
@@ -222,6 +257,14 @@ class SearchSpace:
                     return None
             else:
                 comp, donor, key = parts[:3]
+                if "+" in comp:  # a tied group: every member must hold the same value
+                    members = [c for c in comp.split("+") if c in self._merged_components()
+                               and donor in self.components[c]]
+                    found = {json_key(recipe.components.get(c, {}).get(donor, {}).get(key))
+                             for c in members}
+                    if len(found) != 1:
+                        return None
+                    comp = members[0]
                 got = recipe.components.get(comp, {}).get(donor, {}).get(key)
                 if len(parts) == 4 and isinstance(got, list):
                     got = got[int(parts[3])] if len(got) == self.knots[comp] else None
