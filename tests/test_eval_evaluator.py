@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,23 @@ def test_growing_subsets_and_task_filter(evaluator, result, tiny):
         evaluator.evaluate(model, start=100)
     with pytest.raises(EvalError, match="unknown task 'nope'"):
         evaluator.evaluate(model, tasks=["nope"])
+
+
+def test_fractions_take_each_tasks_own_share(evaluator, tiny):
+    model = tiny("llava")
+    names = ["example_captions", "example_mmbench_tsv"]
+    sizes = {t: len(evaluator.subset(t)) for t in names}
+    assert len(set(sizes.values())) == 2  # tasks of different lengths
+    seen = {t: [] for t in names}
+    for a, b in ((0.0, 0.25), (0.25, 0.5), (0.5, 1.0)):
+        part = evaluator.evaluate(model, tasks=names, fractions=(a, b))
+        for t in names:
+            want = evaluator.subset(t)[math.ceil(a * sizes[t]):math.ceil(b * sizes[t])]
+            assert [i.index for i in part.items[t]] == want
+            seen[t] += want
+    assert all(seen[t] == evaluator.subset(t) for t in names)
+    with pytest.raises(EvalError, match="fractions must satisfy"):
+        evaluator.evaluate(model, fractions=(0.5, 0.25))
 
 
 def test_in_place_change_moves_every_metric(evaluator, result, tiny):

@@ -198,8 +198,13 @@ class Evaluator:
     # --- evaluation ---------------------------------------------------------------------------
 
     def evaluate(self, model: torch.nn.Module, *, tasks: Sequence[str] | None = None,
-                 start: int = 0, stop: int | None = None, progress: bool = False) -> EvalResult:
+                 start: int = 0, stop: int | None = None,
+                 fractions: tuple[float, float] | None = None,
+                 progress: bool = False) -> EvalResult:
         """Score `model` (as it is now) on items [start:stop) of each task's subset.
+
+        `fractions=(a, b)` instead takes each task's own share: items [ceil(a·n):ceil(b·n)) of
+        a task with n items (so that a rung of a quarter costs a quarter of every task).
 
         Tasks whose slice is empty are left out; an objective averages the tasks it has
         (weights renormalized) and is left out when it has none.
@@ -213,10 +218,18 @@ class Evaluator:
         for n in names:
             if n not in self.tasks:
                 raise EvalError(f"unknown task {n!r} (known: {', '.join(self.tasks)})")
-        slices = {n: self._subsets[n][start:stop] for n in names}
+        if fractions is not None:
+            a, b = fractions
+            if not 0 <= a <= b <= 1:
+                raise EvalError(f"fractions must satisfy 0 <= a <= b <= 1, got {fractions}")
+            slices = {n: self._subsets[n][math.ceil(a * len(self._subsets[n])):
+                                          math.ceil(b * len(self._subsets[n]))] for n in names}
+        else:
+            slices = {n: self._subsets[n][start:stop] for n in names}
         slices = {n: s for n, s in slices.items() if s}
         if not slices:
-            raise EvalError(f"empty subset: no task has items in [{start}:{stop}) ({', '.join(names)})")
+            where = f"fractions {fractions}" if fractions is not None else f"[{start}:{stop})"
+            raise EvalError(f"empty subset: no task has items in {where} ({', '.join(names)})")
         bar = None
         if progress:
             from tqdm.auto import tqdm

@@ -205,10 +205,9 @@ def _cumulative(evaluator: Any, parts: list[Any], objectives: Mapping[str, Mappi
     return values, metrics
 
 
-def _rung_stops(evaluator: Any, fractions: Sequence[float]) -> list[int | None]:
-    longest = max(len(evaluator.subset(t)) for t in evaluator.tasks)
-    stops = sorted({max(1, math.ceil(f * longest)) for f in fractions})
-    return [s for s in stops if s < longest] + [None]
+def _rung_stops(fractions: Sequence[float]) -> list[float]:
+    """The fractions of every task evaluated at each rung, ending with the whole (1.0)."""
+    return sorted({float(f) for f in fractions if 0 < float(f) < 1}) + [1.0]
 
 
 @dataclass
@@ -274,18 +273,17 @@ def run_trial(s: Setup, trial: optuna.Trial, history: History) -> Any:
         trial.set_user_attr("weights_digest", applied.weights_digest)
         trial.set_user_attr("recipe_hash", recipe.content_hash())
         pruning = cfg.search.pruning
-        stops = _rung_stops(s.evaluator, pruning.rungs) if pruning.enabled and not baseline \
-            else [None]
-        start = 0
+        stops = _rung_stops(pruning.rungs) if pruning.enabled and not baseline else [1.0]
+        start = 0.0
         eval_seconds = 0.0
         for rung, stop in enumerate(stops):
-            part = s.evaluator.evaluate(s.engine.model, start=start, stop=stop)
+            part = s.evaluator.evaluate(s.engine.model, fractions=(start, stop))
             eval_seconds += part.seconds.get("total", 0.0)
             parts.append(part)
             values, metrics = _cumulative(s.evaluator, parts, s.evaluator.objectives)
             done = sum(len(v) for p in parts for v in p.items.values())
             record.intermediate.append((done, {o: values[o] for o in s.objectives}))
-            if stop is None:
+            if stop == 1.0:
                 break
             start = stop
             reason = _should_prune(s, trial, rung, done, values, parts, history)
