@@ -37,7 +37,7 @@ from vlmexp.zoo import data
 from vlmexp.zoo.train import encode_image_items, encode_text_items, train
 
 # Bump when the code changes what a given ZooSettings builds: it is part of the cache key.
-ZOO_FORMAT = 1
+ZOO_FORMAT = 2  # 2: 256-item colour/shape splits
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 ENV_DIR = "VLMEXP_ZOO_DIR"
 DEFAULT_DIR = Path(".vlmexp_cache") / "zoo"
