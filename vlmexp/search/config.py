@@ -66,9 +66,9 @@ class SpaceConfig:
 @dataclass
 class PruningConfig:
     enabled: bool = True
-    rungs: list[float] = field(default_factory=lambda: [0.25, 0.5])  # fractions evaluated first
+    rungs: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5])  # fractions evaluated first
     pruner: str = "percentile"  # percentile | median | halving | paired (one objective)
-    percentile: float = 50.0  # percentile pruner: stop a trial below this percentile at a rung
+    percentile: float = 65.0  # percentile pruner: stop a trial below this percentile at a rung
     p_threshold: float = 0.1  # paired pruner: stop when a sign test against the best gives p below
     startup_trials: int = 6  # complete trials before anything is pruned
     margin: float = 0.02  # several objectives: how far a trial must be dominated at a rung
