@@ -131,3 +131,35 @@ def test_text_expert_wins_next_item(zoo: ZooPaths, processor, split: str, margin
     expert = _acc(zoo, processor, text, task)
     assert expert >= _acc(zoo, processor, base, task) + margin
     assert expert >= _acc(zoo, processor, vqa, task) + margin
+
+
+def test_components_want_different_weights(zoo: ZooPaths, processor) -> None:
+    """The zoo's point: vision and projector want the vqa-expert near 1, the language model near
+    0.3 (its vqa change costs the text skill), so per-component weights beat any global pair."""
+    from vlmexp.eval.evaluator import Evaluator
+    from vlmexp.merge.engine import MergeEngine
+    from vlmexp.merge.recipe import Recipe
+
+    base = tf.LlavaForConditionalGeneration.from_pretrained(zoo.base)
+    engine = MergeEngine(base, {"vqa": tf.LlavaForConditionalGeneration.from_pretrained(zoo.vqa_expert),
+                                "text": tf.LlamaForCausalLM.from_pretrained(zoo.text_expert)},
+                         device="cpu", progress=False)
+    ev = Evaluator.from_config({
+        "tasks": [str(zoo.evals / "color_shape_val.yaml"), str(zoo.evals / "next_item_val.yaml")],
+        "objectives": {"combined": {"demo_color_shape_val": 1.0, "demo_next_item_val": 1.0}},
+    }, processor)
+
+    def combined(vision: float, lm: float, text: float) -> float:
+        lm_part = {"vqa": {"weight": lm}, "text": {"weight": text}}
+        engine.apply(Recipe.from_dict({
+            "method": "task_arithmetic", "base": {"path": "base"},
+            "donors": [{"name": "vqa", "path": "vqa"}, {"name": "text", "path": "text"}],
+            "components": {"vision": {"vqa": {"weight": vision}},
+                           "projector": {"vqa": {"weight": vision}},
+                           "language": lm_part, "embed": lm_part, "head": lm_part}}))
+        return ev.evaluate(engine.model).objectives["combined"]
+
+    per_component = max(combined(v, a, t) for v in (0.8, 1.0) for a in (0.3, 0.4)
+                        for t in (1.5, 2.0))
+    global_pair = max(combined(w, w, t) for w in (0.3, 0.4, 0.5, 0.6) for t in (1.5, 2.0))
+    assert per_component >= global_pair + 0.02
