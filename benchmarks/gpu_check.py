@@ -39,23 +39,6 @@ def check(ok: bool, what: str) -> None:
         FAILED.append(what)
 
 
-def family() -> dict[str, torch.nn.Module]:
-    from vlmexp.zoo.tiny import build, perturb
-
-    base = build("llava", seed=0)
-    vqa = perturb(build("llava", seed=0), 1)
-    llm = build("llama", seed=0)
-    state = {k.replace("model.language_model.", "model."): v
-             for k, v in base.state_dict().items() if k.startswith("model.language_model.")}
-    state["lm_head.weight"] = base.state_dict()["lm_head.weight"]
-    llm.load_state_dict(state)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in llm.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.03)
-    return {"base": base, "vqa": vqa, "text": llm}
-
-
 def method_recipe(name: str):
     from vlmexp.merge import methods
     from vlmexp.merge.recipe import Recipe
@@ -93,8 +76,9 @@ def merge_checks() -> None:
     from vlmexp.merge import methods
     from vlmexp.merge.engine import MergeEngine
     from vlmexp.merge.recipe import Recipe
+    from vlmexp.zoo.tiny import llava_family
 
-    fam = family()
+    fam = llava_family()
     cpu, gpu = engines(fam)
     print("1. methods: cuda against cpu")
     other = method_recipe("linear")

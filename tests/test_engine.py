@@ -10,25 +10,13 @@ import torch
 from vlmexp.errors import MergeError, RecipeError
 from vlmexp.merge.engine import MergeEngine
 from vlmexp.merge.recipe import Recipe
-from vlmexp.zoo.tiny import build, perturb
+from vlmexp.zoo.tiny import llava_family
 
 
 @pytest.fixture(scope="module")
 def family():
     """A tiny LLaVA base, a fine-tuned relative, and a Llama with the LLaVA's text config."""
-    base = build("llava", seed=0)
-    vqa = perturb(build("llava", seed=0), 1)
-    llm = build("llama", seed=0)
-    # the text expert starts from the base's language model, then drifts
-    state = {k.replace("model.language_model.", "model."): v
-             for k, v in base.state_dict().items() if k.startswith("model.language_model.")}
-    state["lm_head.weight"] = base.state_dict()["lm_head.weight"]
-    llm.load_state_dict(state)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in llm.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.03)
-    return {"base": base, "vqa": vqa, "text": llm}
+    return llava_family()
 
 
 @pytest.fixture()

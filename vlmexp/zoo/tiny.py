@@ -178,3 +178,21 @@ def perturb(model: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.nn.
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g).to(p.dtype), alpha=scale)
     return model
+
+
+def llava_family() -> dict[str, torch.nn.Module]:
+    """A tiny LLaVA `base`, a fine-tuned relative (`vqa`) and a Llama `text` expert that starts
+    from the base's language model and head, then drifts: the engine's tests and GPU check."""
+    base = build("llava", seed=0)
+    vqa = perturb(build("llava", seed=0), 1)
+    llm = build("llama", seed=0)
+    prefix = "model.language_model."
+    state = {"model." + k[len(prefix):]: v
+             for k, v in base.state_dict().items() if k.startswith(prefix)}
+    state["lm_head.weight"] = base.state_dict()["lm_head.weight"]
+    llm.load_state_dict(state)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in llm.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.03)
+    return {"base": base, "vqa": vqa, "text": llm}
