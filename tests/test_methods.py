@@ -469,6 +469,83 @@ def test_non_finite_values_are_reported_on_the_fused_path():
                      out=torch.empty(n), check_finite=True)
 
 
+_WEIGHTED_SUMS = [
+    ("task_arithmetic", {}, lambda ws: (1.0, ws)),
+    ("task_arithmetic", {"normalize": True, "lambda": 0.8},
+     lambda ws: (1.0, [0.8 * w / sum(ws) for w in ws])),
+    ("linear", {}, lambda ws: (1.0, [w / sum(ws) for w in ws])),
+    ("linear", {"normalize": False, "base_weight": 0.3}, lambda ws: (0.3 + sum(ws), ws)),
+]
+
+
+@pytest.mark.parametrize(("method", "params", "coefficients"), _WEIGHTED_SUMS)
+@pytest.mark.parametrize("n_donors", [1, 2, 3])
+def test_fused_weighted_sum_equals_float64_and_the_torch_path(monkeypatch, method, params,
+                                                              coefficients, n_donors):
+    """Task arithmetic and linear above kernels.MIN_ELEMENTS: one fused pass that must give the
+    torch path's bits (which GPUs use) and the float64 formula within float32 rounding, and that
+    counts the non-finite values itself (no second read of the result)."""
+    from vlmexp.merge import kernels, methods
+
+    if kernels.numba is None:
+        pytest.skip("numba is not installed")
+    calls = []
+    fused_sum = kernels.weighted_sum
+    monkeypatch.setattr(kernels, "weighted_sum", lambda *a: calls.append(1) or fused_sum(*a))
+    g = torch.Generator().manual_seed(n_donors)
+    n = kernels.MIN_ELEMENTS * 2 + 7  # odd: the vector loop's remainder is covered too
+    base = torch.randn(n, generator=g)
+    deltas = [torch.randn(n, generator=g) * 0.05 * (i + 1) for i in range(n_donors)]
+    weights = [0.7, -0.4, 1.1][:n_donors]
+    donor_params = [{"weight": w} for w in weights]
+
+    def no_second_read(t):
+        raise AssertionError("the fused pass already counted the non-finite values")
+
+    monkeypatch.setattr(methods, "assert_finite", no_second_read)
+    fused = torch.empty(n)
+    assert merge_tensor(method, base, deltas, donor_params, params, out=fused,
+                        check_finite=True) is fused
+    assert calls, "the fused kernel did not run"
+    base_coef, coefs = coefficients(weights)
+    terms = [base.double() * base_coef] + [c * d.double() for c, d in zip(coefs, deltas,
+                                                                          strict=True)]
+    expected = sum(terms)
+    # float32 rounding: one per operation and per coefficient, relative to the terms' size
+    bound = 2.0 ** -21 * sum(t.abs() for t in terms)
+    assert bool(((fused.double() - expected).abs() <= bound).all())
+    assert (fused.double() - expected).abs().max().item() <= 1e-5
+    monkeypatch.setattr(kernels, "available", lambda tensors: False)
+    calls.clear()
+    reference = merge_tensor(method, base, deltas, donor_params, params)
+    assert not calls
+    assert torch.equal(fused, reference)  # bit for bit
+
+
+def test_fused_weighted_sum_counts_nan_and_inf_exactly(monkeypatch):
+    from vlmexp.merge import kernels
+
+    if kernels.numba is None:
+        pytest.skip("numba is not installed")
+    n = kernels.MIN_ELEMENTS + 3
+    big = torch.full((n,), 3e38)  # finite entries whose float32 sum overflows: not an error
+    assert merge_tensor("task_arithmetic", big, [torch.zeros(n)], [{"weight": 1.0}], {},
+                        out=torch.empty(n), check_finite=True).isfinite().all()
+    deltas = [torch.zeros(n), torch.zeros(n)]
+    deltas[0][5] = float("nan")
+    deltas[1][n - 1] = float("inf")  # in the vector loop's remainder
+    deltas[1][1000] = -float("inf")
+    out = torch.empty(n)
+    assert kernels.weighted_sum(out, torch.zeros(n), 1.0, deltas, [0.5, 0.5]) == 3
+    assert int((~out.isfinite()).sum()) == 3
+    with pytest.raises(MergeError, match="^3 merged values are NaN or inf$"):
+        merge_tensor("task_arithmetic", torch.zeros(n), deltas, [{"weight": 0.5}] * 2, {},
+                     out=torch.empty(n), check_finite=True)
+    with pytest.raises(MergeError, match="^3 merged values are NaN or inf$"):  # a fresh result
+        merge_tensor("linear", torch.zeros(n), deltas, [{"weight": 0.5}] * 2, {},
+                     check_finite=True)
+
+
 def test_slerp_memo_gives_the_same_result():
     g = torch.Generator().manual_seed(3)
     base, delta = torch.randn(50, generator=g), torch.randn(50, generator=g)

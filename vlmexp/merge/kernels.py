@@ -1,5 +1,9 @@
 """Fused CPU kernels for the merges eager torch cannot make memory-bound.
 
+A weighted sum (task arithmetic, linear, slerp) is one pass per donor in eager torch, plus a
+pass that reads the result back for the finite check; `weighted_sum` reads each input once,
+writes the result once and counts its NaN and inf values in the same pass.
+
 A sign-consensus merge (TIES and relatives) is a dozen elementwise operations per entry; in
 eager torch each is a pass of its own, so the merge is compute-bound at a few percent of the
 memory bandwidth. One numba loop does the whole formula per entry, reading each input once and
@@ -16,6 +20,8 @@ import torch
 try:
     import numba
     import numpy as np
+    from numba.core import types
+    from numba.extending import intrinsic
 except ImportError:  # pragma: no cover - numba is a dependency; the torch path stays correct
     numba = None
 
@@ -30,6 +36,27 @@ def available(tensors: Sequence[torch.Tensor]) -> bool:
 
 
 if numba is not None:
+
+    @intrinsic
+    def _fma(typingctx, a, b, c):  # pragma: no cover - compiled
+        """a·b + c rounded once (llvm.fma), as torch's vectorised `add(x, y, alpha=)` does it."""
+        if isinstance(a, types.Float) and a == b == c:
+            return a(a, b, c), lambda context, builder, sig, args: builder.fma(*args)
+        return None
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def _weighted_sum(out, base, base_coef, deltas, coefs):  # pragma: no cover - compiled
+        # float32 throughout, in torch's order: base·base_coef (exact when it is 1), then one
+        # fma per donor. Returns how many of the written values are NaN or inf (v - v is 0 for
+        # a finite v and NaN otherwise); an integer sum, so the loop still vectorises.
+        bad = 0
+        for j in numba.prange(out.size):
+            v = base[j] * base_coef
+            for i in range(len(deltas)):
+                v = _fma(deltas[i][j], coefs[i], v)
+            out[j] = v
+            bad += (v - v) != 0
+        return bad
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _merge(out, base, deltas, masks, has_mask, scales, weights, lam, normalize,
@@ -74,13 +101,32 @@ if numba is not None:
             out[j] = base[j] + lam * mixed
 
 
+def _use_torch_threads() -> None:
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+def weighted_sum(out: torch.Tensor, base: torch.Tensor, base_coef: float,
+                 deltas: Sequence[torch.Tensor], coefs: Sequence[float]) -> int:
+    """out = base_coef·base + Σ_i coefs_i·δ_i in one pass; the number of NaN/inf values written.
+
+    Bit for bit what `torch.mul(base, base_coef)` (skipped when it is 1) followed by one
+    `add_(δ_i, alpha=coefs_i)` per donor gives on the CPU: float32 coefficients, one fused
+    multiply-add per donor, in donor order.
+    """
+    _use_torch_threads()
+    # homogeneous tuples (one compiled specialisation per donor count, cached on disk)
+    return int(_weighted_sum(out.view(-1).numpy(), base.reshape(-1).numpy(),
+                             np.float32(base_coef), tuple(d.reshape(-1).numpy() for d in deltas),
+                             np.asarray(coefs, dtype=np.float32)))
+
+
 def merge(out: torch.Tensor, base: torch.Tensor, deltas: Sequence[torch.Tensor],
           masks: Sequence[torch.Tensor | None], scales: Sequence[float],
           weights: Sequence[float], *, lam: float, normalize: bool,
           consensus: str | None) -> None:
     """out = base + lam · Σ_i w_i·s_i·(δ_i·m_i) over the entries agreeing with the elected sign
     (all entries without a consensus), divided by the agreeing weights when `normalize`."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    _use_torch_threads()
     empty = np.zeros(0, dtype=np.bool_)
     out_np = out.view(-1).numpy()
     # homogeneous tuples (one compiled specialisation per donor count, cached on disk)

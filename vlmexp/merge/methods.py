@@ -76,6 +76,7 @@ def task_arithmetic(
     generator: torch.Generator | None = None,
     masks: Sequence[torch.Tensor | None] | None = None,
     out: torch.Tensor | None = None,
+    checks: dict[str, int] | None = None,
     **_: Any,
 ) -> torch.Tensor:
     """base + lambda · Σ w_i · sparsify(δ_i) [· sign-consensus mask] [/ normalizer].
@@ -94,7 +95,8 @@ def task_arithmetic(
         # One pass per donor: base + Σ (lambda·w_i / divisor)·δ_i, folded into the coefficients.
         divisor = sum(weights) if params["normalize"] else 1.0
         scale = lam / (divisor if abs(divisor) >= 1e-8 else 1.0)
-        return _weighted_sum(base, 1.0, deltas, [w * scale for w in weights], out=out)
+        return _weighted_sum(base, 1.0, deltas, [w * scale for w in weights], out=out,
+                             checks=checks)
     kept = [
         _KeptDelta.of(delta, p, params, sparsification, generator, masks[i] if masks else None)
         for i, (delta, p) in enumerate(zip(deltas, donor_params, strict=True))
@@ -220,6 +222,7 @@ def linear(
     donor_params: Sequence[DonorParams],
     params: Params,
     out: torch.Tensor | None = None,
+    checks: dict[str, int] | None = None,
     **_: Any,
 ) -> torch.Tensor:
     """Weighted average of the base (weight `base_weight`) and the donors (weights w_i).
@@ -233,17 +236,29 @@ def linear(
     weights = [float(p["weight"]) for p in donor_params]
     total = float(params["base_weight"]) + sum(weights)
     if not params["normalize"]:
-        return _weighted_sum(base, total, deltas, weights, out=out)
+        return _weighted_sum(base, total, deltas, weights, out=out, checks=checks)
     if total == 0:
         raise MergeError("linear: the weights (base_weight included) sum to 0")
-    return _weighted_sum(base, 1.0, deltas, [w / total for w in weights], out=out)
+    return _weighted_sum(base, 1.0, deltas, [w / total for w in weights], out=out,
+                         checks=checks)
 
 
 def _weighted_sum(
     base: torch.Tensor, base_coef: float, deltas: Sequence[torch.Tensor], coefs: Sequence[float],
-    out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None, checks: dict[str, int] | None = None,
 ) -> torch.Tensor:
-    """base_coef·base + Σ coefs_i·δ_i, one pass per term, into `out` (or a fresh tensor)."""
+    """base_coef·base + Σ coefs_i·δ_i into `out` (or a fresh tensor).
+
+    On the CPU (float32, numba) one fused pass that also counts the NaN and inf values written,
+    recorded in `checks["non_finite"]`; elsewhere one torch pass per term. Same bits either way.
+    """
+    if out is None:
+        out = torch.empty_like(base)
+    if kernels.available([out, base, *deltas]):
+        bad = kernels.weighted_sum(out, base, base_coef, deltas, coefs)
+        if checks is not None:
+            checks["non_finite"] = bad
+        return out
     if base_coef == 1:
         out = torch.add(base, deltas[0], alpha=coefs[0], out=out)
     else:
@@ -728,8 +743,9 @@ def merge_tensor(
             can accumulate straight into it do (saving a pass over memory); the others copy.
         memo: a dict kept by the caller per (tensor, donors): methods memoise statistics there
             that depend only on the inputs, not on the parameters (slerp's norms and dot).
-        check_finite: raise MergeError when the result has a NaN or an inf (one vectorised
-            sum; the elementwise test runs only when that sum is not finite).
+        check_finite: raise MergeError when the result has a NaN or an inf: counted by the
+            fused CPU kernels in the pass that writes the result, else one vectorised sum (the
+            elementwise test runs only when that sum is not finite).
 
     Returns:
         `out` when given, else a new tensor of base's shape and dtype; inputs are unchanged.
@@ -763,7 +779,8 @@ def merge_tensor(
     resolved_donors = [resolve_donor_params(method, p) for p in donor_params]
     resolved = resolve_params(method, params)
     direct = out if out is not None and out.dtype == dtype else None
-    result = spec.fn(
+    checks: dict[str, int] = {}  # what the method learned of its result in the pass writing it
+    computed = spec.fn(
         base.to(dtype),
         [d.to(dtype) for d in donors],
         resolved_donors,
@@ -772,7 +789,9 @@ def merge_tensor(
         masks=masks,
         out=direct,
         memo=memo,
+        checks=checks,
     )
+    result = computed
     if out is not None:
         if result is not out:
             out.copy_(result)
@@ -780,7 +799,12 @@ def merge_tensor(
     else:
         result = result.to(base.dtype)
     if check_finite:
-        assert_finite(result)
+        # the method's count holds only for the very tensor it wrote (not for a cast copy)
+        bad = checks.get("non_finite") if result is computed else None
+        if bad is None:
+            assert_finite(result)
+        elif bad:
+            raise MergeError(f"{bad} merged values are NaN or inf")
     return result
 
 
