@@ -143,6 +143,37 @@ def test_non_finite_result_names_the_tensor_and_resets(family):
     assert engine.weights_digest() == before
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear"])
+def test_fused_cpu_merge_checks_finite_in_its_own_pass(monkeypatch, family, method):
+    # every tensor through the fused weighted sum: its NaN count is the check, no second read
+    from vlmexp.merge import kernels, methods
+
+    if kernels.numba is None:
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(kernels, "MIN_ELEMENTS", 1)
+    bad = copy.deepcopy(family["vqa"])
+    with torch.no_grad():
+        bad.model.language_model.layers[1].mlp.up_proj.weight[2, 3] = float("nan")
+    engine = MergeEngine(copy.deepcopy(family["base"]), {"vqa": bad}, progress=False)
+    before = engine.weights_digest()
+    weight = {"weight": 0.5}
+
+    def one(comp: str) -> Recipe:
+        return Recipe.from_dict({"method": method, "base": {"path": "b"},
+                                 "donors": [{"name": "vqa", "path": "v"}],
+                                 "components": {comp: {"vqa": weight}}})
+
+    def no_second_read(t):
+        raise AssertionError("the fused pass already counted the non-finite values")
+
+    monkeypatch.setattr(methods, "assert_finite", no_second_read)
+    assert engine.apply(one("vision")).merged > 0
+    with pytest.raises(MergeError, match=r"^merged tensor model\.language_model\.layers\.1\.mlp"
+                                         r"\.up_proj\.weight: 1 merged values are NaN or inf$"):
+        engine.apply(one("language"))
+    assert engine.weights_digest() == before
+
+
 def test_deferred_finite_check_of_a_gpu_names_the_tensor_and_resets(family):
     # on a GPU the per-tensor sums are read back once at the end; the same path, run here
     bad = copy.deepcopy(family["vqa"])

@@ -307,13 +307,17 @@ class MergeEngine:
             base_m = base.to(math_dtype)
             inputs = [base_m + delta for delta in deltas]
         memo = self._memo.setdefault((name, *donors), {})
+        # on the CPU merge_tensor checks the result itself (the fused kernels count NaN and inf
+        # in the pass that writes it, so no second read); on a GPU the check is deferred
+        check_now = self._pending is None
         try:
             methods.merge_tensor(recipe.method, base, inputs, donor_params, params,
                                  generator=generator, masks=masks, dtype=math_dtype,
-                                 out=self._params[name].data, memo=memo)
+                                 out=self._params[name].data, memo=memo, check_finite=check_now)
         except MergeError as err:
             raise MergeError(f"merged tensor {name}: {err}") from None
-        self._check_finite(name, self._params[name].data)
+        if not check_now:
+            self._check_finite(name, self._params[name].data)
 
     def _check_finite(self, name: str, t: torch.Tensor) -> None:
         """Raise MergeError naming `name` when `t` has a NaN or an inf (on a GPU: at the end)."""
