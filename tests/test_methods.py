@@ -522,6 +522,23 @@ def test_fused_weighted_sum_equals_float64_and_the_torch_path(monkeypatch, metho
     assert torch.equal(fused, reference)  # bit for bit
 
 
+@pytest.mark.parametrize("t", [0.3, 1.0])
+def test_fused_slerp_equals_float64_and_the_torch_path(monkeypatch, t):
+    from vlmexp.merge import kernels
+
+    if kernels.numba is None:
+        pytest.skip("numba is not installed")
+    g = torch.Generator().manual_seed(5)
+    n = kernels.MIN_ELEMENTS + 9
+    base = torch.randn(n, generator=g)
+    delta = torch.randn(n, generator=g)  # far from collinear: the spherical branch
+    fused = merge_tensor("slerp", base, [delta], [{"t": t}], {}, check_finite=True)
+    expected = ref_slerp(base.double(), base.double() + delta.double(), t)
+    assert (fused.double() - expected).abs().max().item() <= 1e-5
+    monkeypatch.setattr(kernels, "available", lambda tensors: False)
+    assert torch.equal(fused, merge_tensor("slerp", base, [delta], [{"t": t}], {}))
+
+
 def test_fused_weighted_sum_counts_nan_and_inf_exactly(monkeypatch):
     from vlmexp.merge import kernels
 

@@ -278,6 +278,7 @@ def slerp(
     params: Params,
     out: torch.Tensor | None = None,
     memo: dict[str, Any] | None = None,
+    checks: dict[str, int] | None = None,
     **_: Any,
 ) -> torch.Tensor:
     """Spherical interpolation from the base (t = 0) to the one donor (t = 1), whole tensor.
@@ -286,7 +287,7 @@ def slerp(
     when |cos| > `dot_threshold` (near-collinear) it falls back to linear interpolation.
     Computed from the task vector δ: with b·b, b·δ and δ·δ (memoised in `memo`, since they do
     not depend on t) the donor's norm and the angle need no pass over the weights, and the
-    result c0·b + c1·(b + δ) = (c0 + c1)·b + c1·δ is two passes, like task arithmetic.
+    result c0·b + c1·(b + δ) = (c0 + c1)·b + c1·δ is a weighted sum, like task arithmetic.
     """
     t = float(donor_params[0]["t"])
     delta = deltas[0]
@@ -312,7 +313,7 @@ def slerp(
         sin_theta = math.sin(theta)
         coef0 = math.sin((1 - t) * theta) / sin_theta
         coef1 = math.sin(t * theta) / sin_theta
-    return torch.mul(base, coef0 + coef1, out=out).add_(delta, alpha=coef1)
+    return _weighted_sum(base, coef0 + coef1, [delta], [coef1], out=out, checks=checks)
 
 
 # --------------------------------------------------------------------------- nuslerp
