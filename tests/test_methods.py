@@ -563,6 +563,28 @@ def test_fused_weighted_sum_counts_nan_and_inf_exactly(monkeypatch):
                      check_finite=True)
 
 
+def test_fused_kernels_may_be_called_from_several_threads():
+    # the kernels share one numba thread pool (the workqueue layer aborts the process on a
+    # concurrent launch), so the wrappers serialise their launches
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vlmexp.merge import kernels
+
+    if kernels.numba is None:
+        pytest.skip("numba is not installed")
+    n = kernels.MIN_ELEMENTS
+    base, delta = torch.randn(n), torch.randn(n)
+
+    def merge(i: int) -> bool:
+        out = torch.empty(n)
+        for _ in range(20):
+            assert kernels.weighted_sum(out, base, 1.0, [delta], [float(i)]) == 0
+        return torch.equal(out, torch.add(base, delta, alpha=float(i)))
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(merge, range(8)))
+
+
 def test_slerp_memo_gives_the_same_result():
     g = torch.Generator().manual_seed(3)
     base, delta = torch.randn(50, generator=g), torch.randn(50, generator=g)

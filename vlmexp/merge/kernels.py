@@ -13,6 +13,7 @@ torch path (which serves GPUs, and CPUs when numba is missing); float64 accumula
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -101,7 +102,26 @@ if numba is not None:
             out[j] = base[j] + lam * mixed
 
 
+_LAUNCH = threading.Lock()  # one kernel at a time: numba's workqueue layer is not thread-safe
+_layer_chosen = False
+
+
 def _use_torch_threads() -> None:
+    """As many threads as torch uses, from a pool whose idle threads sleep rather than spin.
+
+    Numba's default layer on Linux is OpenMP, which here resolves to torch's own libgomp, whose
+    threads spin while they wait. When another process holds a core, a parallel loop then ends
+    only once a spinning thread is preempted, a scheduler tick later: 8 ms per call instead of
+    2.5 (4M entries, another process on one of 2 cores), and task arithmetic on the 307M model
+    of benchmarks/merge_speed.py 0.43-1.3 s instead of 0.22-0.24 s. The workqueue layer's
+    threads wait on condition variables (and it is fork-safe); it is chosen unless a layer was
+    named (NUMBA_THREADING_LAYER or numba.config) before the first launch.
+    """
+    global _layer_chosen
+    if not _layer_chosen:
+        if str(numba.config.THREADING_LAYER).lower() == "default":
+            numba.config.THREADING_LAYER = "workqueue"
+        _layer_chosen = True
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
@@ -113,11 +133,12 @@ def weighted_sum(out: torch.Tensor, base: torch.Tensor, base_coef: float,
     `add_(δ_i, alpha=coefs_i)` per donor gives on the CPU: float32 coefficients, one fused
     multiply-add per donor, in donor order.
     """
-    _use_torch_threads()
     # homogeneous tuples (one compiled specialisation per donor count, cached on disk)
-    return int(_weighted_sum(out.view(-1).numpy(), base.reshape(-1).numpy(),
-                             np.float32(base_coef), tuple(d.reshape(-1).numpy() for d in deltas),
-                             np.asarray(coefs, dtype=np.float32)))
+    args = (out.view(-1).numpy(), base.reshape(-1).numpy(), np.float32(base_coef),
+            tuple(d.reshape(-1).numpy() for d in deltas), np.asarray(coefs, dtype=np.float32))
+    with _LAUNCH:
+        _use_torch_threads()
+        return int(_weighted_sum(*args))
 
 
 def merge(out: torch.Tensor, base: torch.Tensor, deltas: Sequence[torch.Tensor],
@@ -126,13 +147,14 @@ def merge(out: torch.Tensor, base: torch.Tensor, deltas: Sequence[torch.Tensor],
           consensus: str | None) -> None:
     """out = base + lam · Σ_i w_i·s_i·(δ_i·m_i) over the entries agreeing with the elected sign
     (all entries without a consensus), divided by the agreeing weights when `normalize`."""
-    _use_torch_threads()
     empty = np.zeros(0, dtype=np.bool_)
     out_np = out.view(-1).numpy()
     # homogeneous tuples (one compiled specialisation per donor count, cached on disk)
     d_list = tuple(d.reshape(-1).numpy() for d in deltas)
     m_list = tuple(m.reshape(-1).numpy() if m is not None else empty for m in masks)
     has_mask = np.array([m is not None for m in masks], dtype=np.bool_)
-    _merge(out_np, base.reshape(-1).numpy(), d_list, m_list, has_mask,
-           np.asarray(scales, dtype=np.float64), np.asarray(weights, dtype=np.float64),
-           float(lam), bool(normalize), {None: 0, "sum": 1, "count": 2}[consensus])
+    with _LAUNCH:
+        _use_torch_threads()
+        _merge(out_np, base.reshape(-1).numpy(), d_list, m_list, has_mask,
+               np.asarray(scales, dtype=np.float64), np.asarray(weights, dtype=np.float64),
+               float(lam), bool(normalize), {None: 0, "sum": 1, "count": 2}[consensus])
