@@ -503,7 +503,9 @@ def test_fused_weighted_sum_equals_float64_and_the_torch_path(monkeypatch, metho
         raise AssertionError("the fused pass already counted the non-finite values")
 
     monkeypatch.setattr(methods, "assert_finite", no_second_read)
-    fused = torch.empty(n)
+    # the kernel streams whole 64-byte lines: an output that starts 0, 4 or 8 bytes past a
+    # line boundary has 0, 15 or 14 entries before its first line
+    fused = torch.empty(n + 16)[n_donors - 1:n_donors - 1 + n]
     assert merge_tensor(method, base, deltas, donor_params, params, out=fused,
                         check_finite=True) is fused
     assert calls, "the fused kernel did not run"
@@ -549,10 +551,10 @@ def test_fused_weighted_sum_counts_nan_and_inf_exactly(monkeypatch):
     assert merge_tensor("task_arithmetic", big, [torch.zeros(n)], [{"weight": 1.0}], {},
                         out=torch.empty(n), check_finite=True).isfinite().all()
     deltas = [torch.zeros(n), torch.zeros(n)]
-    deltas[0][5] = float("nan")
-    deltas[1][n - 1] = float("inf")  # in the vector loop's remainder
-    deltas[1][1000] = -float("inf")
-    out = torch.empty(n)
+    deltas[0][5] = float("nan")  # before the first whole line of `out` below
+    deltas[1][1000] = -float("inf")  # in a streamed line
+    deltas[1][n - 1] = float("inf")  # after the last whole line
+    out = torch.empty(n + 3)[3:]  # 12 bytes into a line: 13 entries before the first line
     assert kernels.weighted_sum(out, torch.zeros(n), 1.0, deltas, [0.5, 0.5]) == 3
     assert int((~out.isfinite()).sum()) == 3
     with pytest.raises(MergeError, match="^3 merged values are NaN or inf$"):
