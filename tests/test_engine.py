@@ -144,6 +144,36 @@ def test_non_finite_result_names_the_tensor_and_resets(family):
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "linear", "slerp"])
+def test_fused_cpu_apply_equals_the_torch_path_bit_for_bit(monkeypatch, family, method):
+    # every tensor through the engine's queued weighted sums (one launch per apply), against
+    # the per-tensor torch passes
+    from vlmexp.merge import kernels
+
+    if kernels.numba is None:
+        pytest.skip("numba is not installed")
+    weight = {"t": 0.3} if method == "slerp" else {"weight": 0.7}
+    r = Recipe.from_dict({"method": method, "base": {"path": "b"},
+                          "donors": [{"name": "vqa", "path": "v"}],
+                          "components": {c: {"vqa": weight}
+                                         for c in ("vision", "projector", "language")}})
+    engine = MergeEngine(copy.deepcopy(family["base"]), {"vqa": family["vqa"]}, progress=False)
+    launches = []
+    run = kernels.WeightedSums.run
+    monkeypatch.setattr(kernels.WeightedSums, "run",
+                        lambda self: launches.append(len(self)) or run(self))
+    monkeypatch.setattr(kernels, "MIN_ELEMENTS", 1)
+    fused = engine.apply(r)
+    assert launches == [fused.merged]  # all merged tensors, in one launch
+    fused_weights = {k: v.clone() for k, v in engine.state_dict_view().items()}
+    monkeypatch.setattr(kernels, "available", lambda tensors: False)
+    engine.reset()
+    torch_path = engine.apply(r)
+    assert torch_path.weights_digest == fused.weights_digest
+    for k, v in engine.state_dict_view().items():
+        assert torch.equal(v, fused_weights[k]), k
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear", "slerp"])
 def test_fused_cpu_merge_checks_finite_in_its_own_pass(monkeypatch, family, method):
     # every tensor through the fused weighted sum: its NaN count is the check, no second read
     from vlmexp.merge import kernels, methods

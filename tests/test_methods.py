@@ -565,6 +565,33 @@ def test_fused_weighted_sum_counts_nan_and_inf_exactly(monkeypatch):
                      check_finite=True)
 
 
+def test_queued_weighted_sums_equal_one_by_one_and_count_per_sum():
+    # one launch for sums of several sizes, alignments and donor counts
+    from vlmexp.merge import kernels
+
+    if kernels.numba is None:
+        pytest.skip("numba is not installed")
+    g = torch.Generator().manual_seed(11)
+    sums, expected, outs = kernels.WeightedSums(), [], []
+    for i, (n, n_donors) in enumerate([(kernels.MIN_ELEMENTS, 2), (5, 2), (40_003, 1),
+                                       (3 * 16 * 1024 + 17, 3), (100, 2)]):
+        base = torch.randn(n + 1, generator=g)[1:]  # misaligned input
+        deltas = [torch.randn(n, generator=g) for _ in range(n_donors)]
+        if i == 3:
+            deltas[2][[0, n // 2, n - 1]] = float("nan")
+        coefs = [0.5 - 0.3 * j for j in range(n_donors)]
+        out = torch.empty(n + 16)[i % 16:i % 16 + n]  # 0 … 4 floats past a line boundary
+        assert sums.add(out, base, 1.0 + 0.25 * i, deltas, coefs) == i
+        outs.append(out)
+        alone = torch.empty(n)
+        expected.append((alone, kernels.weighted_sum(alone, base, 1.0 + 0.25 * i, deltas, coefs)))
+    assert sums.run() == [count for _, count in expected] == [0, 0, 0, 3, 0]
+    assert len(sums) == 0
+    for out, (alone, _) in zip(outs, expected, strict=True):
+        assert torch.equal(out.nan_to_num(), alone.nan_to_num())
+        assert torch.equal(out.isnan(), alone.isnan())
+
+
 def test_fused_kernels_may_be_called_from_several_threads():
     # the kernels share one numba thread pool (the workqueue layer aborts the process on a
     # concurrent launch), so the wrappers serialise their launches

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from vlmexp.errors import MergeError, RecipeError
 from vlmexp.layout import Alignment, Layout, ParamInfo, align, discover
-from vlmexp.merge import methods
+from vlmexp.merge import kernels, methods
 from vlmexp.merge.recipe import ModelRef, Recipe
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64,
@@ -118,6 +118,8 @@ class MergeEngine:
         # see apply: a GPU's finite checks are read back once per apply, not once per tensor
         self._defer_checks = not self.device.startswith("cpu")
         self._pending: list[tuple[str, torch.Tensor]] | None = None
+        self._sums: kernels.WeightedSums | None = None  # an apply's queued weighted sums
+        self._queued: list[tuple[str, int]] = []  # (tensor, its index in self._sums)
         self.vocab = vocab
         self.math_dtype = math_dtype
         loaded = _as_loaded(base, self.device)
@@ -238,8 +240,12 @@ class MergeEngine:
         written = merged = 0
         # On a GPU the finite check of each tensor is a sum left on the device and read once at
         # the end (reading each one back would wait for the device per tensor); on the CPU it
-        # runs per tensor, while the tensor is still in cache.
+        # runs per tensor, while the tensor is still in cache. On the CPU the weighted sums
+        # (task arithmetic, linear, slerp) are queued and run in one parallel launch at the
+        # end, which counts their NaN and inf values as it writes them.
         self._pending = [] if self._defer_checks else None
+        self._sums = None if self._defer_checks else kernels.WeightedSums()
+        self._queued = []
         try:
             for name, info in self.layout.params.items():
                 comp = info.component
@@ -265,10 +271,13 @@ class MergeEngine:
                 self._merge_one(recipe, spec, params, info, donors, math_dtype, cache_masks)
                 written += 1
                 merged += 1
+            self._run_queued()
             self._check_pending()
         except MergeError:
             self.reset()
             raise
+        finally:
+            self._sums = None  # nor keep a failed apply's queued tensors alive
         _synchronize(self.device)
         seconds = time.perf_counter() - start
         t0 = time.perf_counter()
@@ -308,16 +317,32 @@ class MergeEngine:
             inputs = [base_m + delta for delta in deltas]
         memo = self._memo.setdefault((name, *donors), {})
         # on the CPU merge_tensor checks the result itself (the fused kernels count NaN and inf
-        # in the pass that writes it, so no second read); on a GPU the check is deferred
+        # in the pass that writes it, so no second read) or queues it in self._sums; on a GPU
+        # the check is deferred
         check_now = self._pending is None
+        queued = len(self._sums) if self._sums is not None else 0
         try:
             methods.merge_tensor(recipe.method, base, inputs, donor_params, params,
                                  generator=generator, masks=masks, dtype=math_dtype,
-                                 out=self._params[name].data, memo=memo, check_finite=check_now)
+                                 out=self._params[name].data, memo=memo, check_finite=check_now,
+                                 batch=self._sums)
         except MergeError as err:
             raise MergeError(f"merged tensor {name}: {err}") from None
-        if not check_now:
+        if self._sums is not None and len(self._sums) > queued:
+            self._queued.append((name, queued))
+        elif not check_now:
             self._check_finite(name, self._params[name].data)
+
+    def _run_queued(self) -> None:
+        """Run the queued weighted sums; MergeError naming the first with a NaN or an inf."""
+        queued, self._queued = self._queued, []
+        if not queued:
+            return
+        counts = self._sums.run()
+        for name, job in queued:
+            if counts[job]:
+                raise MergeError(f"merged tensor {name}: {counts[job]} merged values are NaN "
+                                 f"or inf")
 
     def _check_finite(self, name: str, t: torch.Tensor) -> None:
         """Raise MergeError naming `name` when `t` has a NaN or an inf (on a GPU: at the end)."""

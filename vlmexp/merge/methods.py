@@ -77,6 +77,7 @@ def task_arithmetic(
     masks: Sequence[torch.Tensor | None] | None = None,
     out: torch.Tensor | None = None,
     checks: dict[str, int] | None = None,
+    batch: kernels.WeightedSums | None = None,
     **_: Any,
 ) -> torch.Tensor:
     """base + lambda · Σ w_i · sparsify(δ_i) [· sign-consensus mask] [/ normalizer].
@@ -96,7 +97,7 @@ def task_arithmetic(
         divisor = sum(weights) if params["normalize"] else 1.0
         scale = lam / (divisor if abs(divisor) >= 1e-8 else 1.0)
         return _weighted_sum(base, 1.0, deltas, [w * scale for w in weights], out=out,
-                             checks=checks)
+                             checks=checks, batch=batch)
     kept = [
         _KeptDelta.of(delta, p, params, sparsification, generator, masks[i] if masks else None)
         for i, (delta, p) in enumerate(zip(deltas, donor_params, strict=True))
@@ -223,6 +224,7 @@ def linear(
     params: Params,
     out: torch.Tensor | None = None,
     checks: dict[str, int] | None = None,
+    batch: kernels.WeightedSums | None = None,
     **_: Any,
 ) -> torch.Tensor:
     """Weighted average of the base (weight `base_weight`) and the donors (weights w_i).
@@ -236,25 +238,31 @@ def linear(
     weights = [float(p["weight"]) for p in donor_params]
     total = float(params["base_weight"]) + sum(weights)
     if not params["normalize"]:
-        return _weighted_sum(base, total, deltas, weights, out=out, checks=checks)
+        return _weighted_sum(base, total, deltas, weights, out=out, checks=checks,
+                             batch=batch)
     if total == 0:
         raise MergeError("linear: the weights (base_weight included) sum to 0")
     return _weighted_sum(base, 1.0, deltas, [w / total for w in weights], out=out,
-                         checks=checks)
+                         checks=checks, batch=batch)
 
 
 def _weighted_sum(
     base: torch.Tensor, base_coef: float, deltas: Sequence[torch.Tensor], coefs: Sequence[float],
     out: torch.Tensor | None = None, checks: dict[str, int] | None = None,
+    batch: kernels.WeightedSums | None = None,
 ) -> torch.Tensor:
     """base_coef·base + Σ coefs_i·δ_i into `out` (or a fresh tensor).
 
     On the CPU (float32, numba) one fused pass that also counts the NaN and inf values written,
-    recorded in `checks["non_finite"]`; elsewhere one torch pass per term. Same bits either way.
+    recorded in `checks["non_finite"]`, or only queued in `batch` (out is written, and counted,
+    by batch.run()); elsewhere one torch pass per term. Same bits either way.
     """
     if out is None:
         out = torch.empty_like(base)
     if kernels.available([out, base, *deltas]):
+        if batch is not None:
+            batch.add(out, base, base_coef, deltas, coefs)
+            return out
         bad = kernels.weighted_sum(out, base, base_coef, deltas, coefs)
         if checks is not None:
             checks["non_finite"] = bad
@@ -279,6 +287,7 @@ def slerp(
     out: torch.Tensor | None = None,
     memo: dict[str, Any] | None = None,
     checks: dict[str, int] | None = None,
+    batch: kernels.WeightedSums | None = None,
     **_: Any,
 ) -> torch.Tensor:
     """Spherical interpolation from the base (t = 0) to the one donor (t = 1), whole tensor.
@@ -313,7 +322,8 @@ def slerp(
         sin_theta = math.sin(theta)
         coef0 = math.sin((1 - t) * theta) / sin_theta
         coef1 = math.sin(t * theta) / sin_theta
-    return _weighted_sum(base, coef0 + coef1, [delta], [coef1], out=out, checks=checks)
+    return _weighted_sum(base, coef0 + coef1, [delta], [coef1], out=out, checks=checks,
+                         batch=batch)
 
 
 # --------------------------------------------------------------------------- nuslerp
@@ -726,6 +736,7 @@ def merge_tensor(
     out: torch.Tensor | None = None,
     memo: dict[str, Any] | None = None,
     check_finite: bool = False,
+    batch: kernels.WeightedSums | None = None,
 ) -> torch.Tensor:
     """Merge one tensor: `method` over the base and the donors, in `dtype`, cast to base's dtype.
 
@@ -747,6 +758,10 @@ def merge_tensor(
         check_finite: raise MergeError when the result has a NaN or an inf: counted by the
             fused CPU kernels in the pass that writes the result, else one vectorised sum (the
             elementwise test runs only when that sum is not finite).
+        batch: where the fused CPU weighted sums (task arithmetic, linear, slerp) into `out`
+            are queued rather than computed: `out` holds the result, and its NaN/inf count is
+            known, only after `batch.run()` (so check_finite leaves a queued result to it).
+            The engine queues a whole apply this way, to merge it in one parallel launch.
 
     Returns:
         `out` when given, else a new tensor of base's shape and dtype; inputs are unchanged.
@@ -781,6 +796,7 @@ def merge_tensor(
     resolved = resolve_params(method, params)
     direct = out if out is not None and out.dtype == dtype else None
     checks: dict[str, int] = {}  # what the method learned of its result in the pass writing it
+    queued = len(batch) if batch is not None and direct is not None else None
     computed = spec.fn(
         base.to(dtype),
         [d.to(dtype) for d in donors],
@@ -791,7 +807,10 @@ def merge_tensor(
         out=direct,
         memo=memo,
         checks=checks,
+        batch=batch if queued is not None else None,  # only results written in place
     )
+    if queued is not None and len(batch) > queued:
+        return out  # written and checked by batch.run()
     result = computed
     if out is not None:
         if result is not out:
