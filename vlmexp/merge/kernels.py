@@ -208,26 +208,22 @@ if numba is not None:
             out[j] = base[j] + lam * mixed
 
 
-_LAUNCH = threading.Lock()  # one kernel at a time: numba's workqueue layer is not thread-safe
-_layer_chosen = False
+# One launch at a time: numba's workqueue layer, when a user picks it, aborts the process on
+# concurrent launches (its default here, OpenMP, takes them, but this costs nothing).
+_LAUNCH = threading.Lock()
 
 
 def _use_torch_threads() -> None:
-    """As many threads as torch uses, from a pool whose idle threads sleep rather than spin.
+    """As many threads as torch uses.
 
-    Numba's default layer on Linux is OpenMP, which here resolves to torch's own libgomp, whose
-    threads spin while they wait. When another process holds a core, a parallel loop then ends
-    only once a spinning thread is preempted, a scheduler tick later: 8 ms per call instead of
-    2.5 (4M entries, another process on one of 2 cores), and task arithmetic on the 307M model
-    of benchmarks/merge_speed.py 0.43-1.3 s instead of 0.22-0.24 s. The workqueue layer's
-    threads wait on condition variables (and it is fork-safe); it is chosen unless a layer was
-    named (NUMBA_THREADING_LAYER or numba.config) before the first launch.
+    Numba's default layer here is OpenMP, which binds to torch's own libgomp (one thread pool,
+    whose idle threads spin a while before they sleep). Its launches are cheap on an idle
+    machine, but when another process holds a core each one may wait a scheduler tick for a
+    spinning thread to be preempted: hence one launch per apply for the weighted sums
+    (`WeightedSums`). The workqueue layer, whose threads sleep at once, is no cure: waking
+    them cost 0.2-0.6 ms per launch on these VMs, and TIES, one launch per tensor, took
+    0.64-0.82 s instead of 0.34-0.43 s on an idle machine.
     """
-    global _layer_chosen
-    if not _layer_chosen:
-        if str(numba.config.THREADING_LAYER).lower() == "default":
-            numba.config.THREADING_LAYER = "workqueue"
-        _layer_chosen = True
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
@@ -235,11 +231,11 @@ class WeightedSums:
     """Weighted sums out = base_coef·base + Σ_i coefs_i·δ_i, queued, then run in one launch.
 
     An engine apply queues every such merge (task arithmetic, linear, slerp) and runs them all
-    at once: one parallel launch per apply instead of one per tensor (a launch costs tens to
-    hundreds of microseconds of thread wake-ups, a scheduler tick when another process holds
-    a core, against 0.3 ms of work for a 768x768 tensor). Tensors: contiguous float32 on the
-    CPU (see `available`), kept referenced until `run`. Each result has the bits of
-    `torch.mul(base, base_coef)` (skipped when it is 1) followed by one
+    at once: one parallel launch per apply instead of one per tensor (a launch can cost a
+    scheduler tick when another process holds a core, or 0.2-0.6 ms of thread wake-ups with
+    sleeping threads, against 0.3 ms of work for a 768x768 tensor). Tensors: contiguous
+    float32 on the CPU (see `available`), kept referenced until `run`. Each result has the
+    bits of `torch.mul(base, base_coef)` (skipped when it is 1) followed by one
     `add_(δ_i, alpha=coefs_i)` per donor on the CPU: float32 coefficients, one fused
     multiply-add per donor, in donor order.
     """
