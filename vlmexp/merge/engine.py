@@ -277,7 +277,7 @@ class MergeEngine:
             self.reset()
             raise
         finally:
-            self._sums = None  # nor keep a failed apply's queued tensors alive
+            self._sums, self._queued = None, []  # nor keep a failed apply's tensors alive
         _synchronize(self.device)
         seconds = time.perf_counter() - start
         t0 = time.perf_counter()
