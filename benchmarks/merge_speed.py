@@ -151,8 +151,14 @@ def main() -> int:
     apply_s = min(engine.apply(Recipe.from_dict(recipe_dict("task_arithmetic", "base",
                                                             ["d1", "d2"]))).seconds
                   for _ in range(args.repeats))
-    if args.skip_mergekit or args.device != "cpu" or shutil.which("mergekit-yaml") is None:
-        print("mergekit route: skipped")
+    # mergekit-yaml beside this interpreter (a venv run without activating it), else on PATH
+    beside = Path(sys.executable).parent / "mergekit-yaml"
+    mergekit_yaml = str(beside) if beside.exists() else shutil.which("mergekit-yaml")
+    if args.skip_mergekit or args.device != "cpu" or mergekit_yaml is None:
+        why = ("--skip-mergekit" if args.skip_mergekit else
+               "mergekit runs on the CPU" if args.device != "cpu" else
+               "mergekit-yaml not found: ./setup.sh dev installs it")
+        print(f"mergekit route: skipped ({why})")
         return 0
     tmp = Path(tempfile.mkdtemp(prefix="merge_speed-"))
     try:
@@ -169,7 +175,7 @@ def main() -> int:
         from transformers import AutoModelForImageTextToText
 
         t0 = time.perf_counter()
-        subprocess.run(["mergekit-yaml", str(tmp / "mk.yaml"), str(tmp / "out")], check=True,
+        subprocess.run([mergekit_yaml, str(tmp / "mk.yaml"), str(tmp / "out")], check=True,
                        capture_output=True)
         t1 = time.perf_counter()
         AutoModelForImageTextToText.from_pretrained(tmp / "out")
