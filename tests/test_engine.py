@@ -158,8 +158,8 @@ def test_fused_cpu_apply_equals_the_torch_path_bit_for_bit(monkeypatch, family, 
                                          for c in ("vision", "projector", "language")}})
     engine = MergeEngine(copy.deepcopy(family["base"]), {"vqa": family["vqa"]}, progress=False)
     launches = []
-    run = kernels.WeightedSums.run
-    monkeypatch.setattr(kernels.WeightedSums, "run",
+    run = kernels.Queue.run
+    monkeypatch.setattr(kernels.Queue, "run",
                         lambda self: launches.append(len(self)) or run(self))
     monkeypatch.setattr(kernels, "MIN_ELEMENTS", 1)
     fused = engine.apply(r)
@@ -203,6 +203,51 @@ def test_fused_cpu_merge_checks_finite_in_its_own_pass(monkeypatch, family, meth
                                          rf"\.up_proj\.weight: {count} merged values are NaN"):
         engine.apply(one("language"))
     assert engine.weights_digest() == before
+
+
+@pytest.mark.parametrize("queued_mask_bytes", [256 << 20, 1])
+def test_fused_ties_apply_is_one_launch_near_the_torch_path(monkeypatch, family,
+                                                             queued_mask_bytes):
+    # TIES through the engine's queue: one launch per apply (or one per tensor when the queue
+    # may hold no masks), NaN counted in the pass, the torch path's weights within float32
+    # rounding, and the same weights whichever way the queue is run
+    from vlmexp.merge import engine as engine_mod
+    from vlmexp.merge import kernels, methods
+
+    if kernels.numba is None:
+        pytest.skip("numba is not installed")
+    r = Recipe.from_dict({"method": "ties", "base": {"path": "b"},
+                          "donors": [{"name": "vqa", "path": "v"}, {"name": "text", "path": "t"}],
+                          "components": {"language": {"vqa": {"weight": 0.7, "density": 0.5},
+                                                      "text": {"weight": 0.6, "density": 0.4}},
+                                         "vision": {"vqa": {"weight": 1.0, "density": 0.3}}},
+                          "parameters": {"normalize": True}})
+    engine = MergeEngine(copy.deepcopy(family["base"]),
+                         {"vqa": family["vqa"], "text": family["text"]}, progress=False)
+    launches = []
+    run = kernels.Queue.run
+    monkeypatch.setattr(kernels.Queue, "run",
+                        lambda self: launches.append(len(self)) or run(self))
+    monkeypatch.setattr(kernels, "MIN_ELEMENTS", 1)
+    monkeypatch.setattr(engine_mod, "_QUEUED_MASK_BYTES", queued_mask_bytes)
+
+    def no_second_read(t):
+        raise AssertionError("the fused pass already counted the non-finite values")
+
+    monkeypatch.setattr(methods, "assert_finite", no_second_read)
+    fused = engine.apply(r)
+    expected = [fused.merged] if queued_mask_bytes > 1 else [1] * fused.merged
+    assert launches == expected
+    fused_weights = {k: v.clone() for k, v in engine.state_dict_view().items()}
+    monkeypatch.undo()
+    monkeypatch.setattr(kernels, "available", lambda tensors: False)
+    engine.reset()
+    engine.apply(r)
+    torch_weights = engine.state_dict_view()
+    assert max((v - fused_weights[k]).abs().max().item()
+               for k, v in torch_weights.items()) <= 1e-6
+    base = family["base"].state_dict()
+    assert sum(not torch.equal(v, base[k]) for k, v in torch_weights.items()) >= fused.merged // 2
 
 
 def test_deferred_finite_check_of_a_gpu_names_the_tensor_and_resets(family):

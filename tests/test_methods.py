@@ -572,7 +572,7 @@ def test_queued_weighted_sums_equal_one_by_one_and_count_per_sum():
     if kernels.numba is None:
         pytest.skip("numba is not installed")
     g = torch.Generator().manual_seed(11)
-    sums, expected, outs = kernels.WeightedSums(), [], []
+    sums, expected, outs = kernels.Queue(), [], []
     for i, (n, n_donors) in enumerate([(kernels.MIN_ELEMENTS, 2), (5, 2), (40_003, 1),
                                        (3 * 16 * 1024 + 17, 3), (100, 2)]):
         base = torch.randn(n + 1, generator=g)[1:]  # misaligned input
@@ -581,7 +581,7 @@ def test_queued_weighted_sums_equal_one_by_one_and_count_per_sum():
             deltas[2][[0, n // 2, n - 1]] = float("nan")
         coefs = [0.5 - 0.3 * j for j in range(n_donors)]
         out = torch.empty(n + 16)[i % 16:i % 16 + n]  # 0 … 4 floats past a line boundary
-        assert sums.add(out, base, 1.0 + 0.25 * i, deltas, coefs) == i
+        assert sums.weighted_sum(out, base, 1.0 + 0.25 * i, deltas, coefs) == i
         outs.append(out)
         alone = torch.empty(n)
         expected.append((alone, kernels.weighted_sum(alone, base, 1.0 + 0.25 * i, deltas, coefs)))
@@ -590,6 +590,72 @@ def test_queued_weighted_sums_equal_one_by_one_and_count_per_sum():
     for out, (alone, _) in zip(outs, expected, strict=True):
         assert torch.equal(out.nan_to_num(), alone.nan_to_num())
         assert torch.equal(out.isnan(), alone.isnan())
+
+
+_SIGN_JOBS = [  # (entries, donors, masked donors, consensus, normalize, lambda)
+    (65_536, 2, (0, 1), "sum", True, 1.0),
+    (5, 2, (0,), "sum", False, 0.7),
+    (40_003, 1, (0,), None, True, 1.3),
+    (3 * 16 * 1024 + 17, 3, (1, 2), "count", True, 1.0),
+    (300, 2, (), "sum", True, 0.5),
+    (70_001, 2, (0, 1), None, False, 1.0),
+]
+
+
+def test_queued_sign_merges_equal_one_by_one_and_the_torch_path():
+    # TIES-like merges of several sizes, alignments, donor counts, masks and consensus modes,
+    # queued with weighted sums in one Queue: each equals its own kernel call and, within
+    # float32 rounding, methods.task_arithmetic's chunked torch path; NaN counted per merge
+    from vlmexp.merge import kernels, methods
+
+    if kernels.numba is None:
+        pytest.skip("numba is not installed")
+    g = torch.Generator().manual_seed(5)
+    queue, outs, alone, want = kernels.Queue(), [], [], []
+    for i, (n, n_donors, masked, consensus, normalize, lam) in enumerate(_SIGN_JOBS):
+        base = torch.randn(n + 1, generator=g)[1:]  # misaligned input
+        deltas = [torch.randn(n, generator=g) * 0.05 for _ in range(n_donors)]
+        masks = [torch.rand(n, generator=g) < 0.6 if j in masked else None
+                 for j in range(n_donors)]
+        if i == 3:
+            deltas[0][[1, n - 2]] = float("inf")  # kept (donor 0 is not masked)
+        weights = [1.0 - 0.3 * j for j in range(n_donors)]
+        scales = [1.0 + 0.5 * j for j in range(n_donors)]
+        options = {"lam": lam, "normalize": normalize, "consensus": consensus}
+        out = torch.empty(n + 16)[i % 16:i % 16 + n]
+        assert queue.sign_merge(out, base, deltas, masks, scales, weights, **options) == 2 * i
+        assert queue.weighted_sum(torch.empty(n), base, 1.0, deltas, weights) == 2 * i + 1
+        outs.append(out)
+        one = torch.empty(n)
+        want.append(kernels.merge(one, base, deltas, masks, scales, weights, **options))
+        alone.append(one)
+        # the torch path: the scales folded into the deltas, as _KeptDelta.chunk does
+        flat = torch.empty(n)
+        kept = [methods._KeptDelta(d, m, s, None)
+                for d, m, s in zip(deltas, masks, scales, strict=True)]
+        step = methods._CHUNK
+        for lo in range(0, n, step):
+            hi = min(lo + step, n)
+            parts = [k.chunk(lo, hi).mul_(w) for k, w in zip(kept, weights, strict=True)]
+            if consensus is None:
+                mixed = sum(parts[1:], parts[0].clone())
+                if normalize and abs(sum(weights)) >= 1e-8:
+                    mixed /= sum(weights)
+            else:
+                mixed, divisor = methods._elect(parts, weights, consensus)
+                if normalize:
+                    mixed = mixed / divisor.add_(divisor == 0)
+            flat[lo:hi] = base[lo:hi] + lam * mixed
+        finite = flat.isfinite()
+        assert torch.equal(one.isfinite(), finite), i
+        assert (one[finite] - flat[finite]).abs().max().item() <= 1e-6, i
+    counts = queue.run()
+    assert counts[0::2] == want
+    assert counts[1::2] == [0, 0, 0, 2, 0, 0]
+    assert want[3] == 2 and sum(want) == 2
+    assert len(queue) == 0 and queue.mask_bytes == 0
+    for out, one in zip(outs, alone, strict=True):
+        assert torch.equal(out.nan_to_num(), one.nan_to_num())
 
 
 def test_fused_kernels_may_be_called_from_several_threads():

@@ -38,6 +38,8 @@ from vlmexp.layout import Alignment, Layout, ParamInfo, align, discover
 from vlmexp.merge import kernels, methods
 from vlmexp.merge.recipe import ModelRef, Recipe
 
+# masks held for queued merges before the queue is run early (DARE's are drawn per apply)
+_QUEUED_MASK_BYTES = 256 << 20
 _DTYPES = {"float32": torch.float32, "float64": torch.float64,
            "bfloat16": torch.bfloat16, "float16": torch.float16}
 DIGEST_SCHEME = "isum2"
@@ -118,8 +120,8 @@ class MergeEngine:
         # see apply: a GPU's finite checks are read back once per apply, not once per tensor
         self._defer_checks = not self.device.startswith("cpu")
         self._pending: list[tuple[str, torch.Tensor]] | None = None
-        self._sums: kernels.WeightedSums | None = None  # an apply's queued weighted sums
-        self._queued: list[tuple[str, int]] = []  # (tensor, its index in self._sums)
+        self._queue: kernels.Queue | None = None  # an apply's queued fused merges
+        self._queued: list[tuple[str, int]] = []  # (tensor, its index in self._queue)
         self.vocab = vocab
         self.math_dtype = math_dtype
         loaded = _as_loaded(base, self.device)
@@ -240,11 +242,12 @@ class MergeEngine:
         written = merged = 0
         # On a GPU the finite check of each tensor is a sum left on the device and read once at
         # the end (reading each one back would wait for the device per tensor); on the CPU it
-        # runs per tensor, while the tensor is still in cache. On the CPU the weighted sums
-        # (task arithmetic, linear, slerp) are queued and run in one parallel launch at the
-        # end, which counts their NaN and inf values as it writes them.
+        # runs per tensor, while the tensor is still in cache. On the CPU the fused merges
+        # (weighted sums: task arithmetic, linear, slerp; sign merges: TIES and relatives) are
+        # queued and run in one parallel launch at the end (or once _QUEUED_MASK_BYTES of
+        # masks are held), which counts their NaN and inf values as it writes them.
         self._pending = [] if self._defer_checks else None
-        self._sums = None if self._defer_checks else kernels.WeightedSums()
+        self._queue = None if self._defer_checks else kernels.Queue()
         self._queued = []
         try:
             for name, info in self.layout.params.items():
@@ -277,7 +280,7 @@ class MergeEngine:
             self.reset()
             raise
         finally:
-            self._sums, self._queued = None, []  # nor keep a failed apply's tensors alive
+            self._queue, self._queued = None, []  # nor keep a failed apply's tensors alive
         _synchronize(self.device)
         seconds = time.perf_counter() - start
         t0 = time.perf_counter()
@@ -317,28 +320,30 @@ class MergeEngine:
             inputs = [base_m + delta for delta in deltas]
         memo = self._memo.setdefault((name, *donors), {})
         # on the CPU merge_tensor checks the result itself (the fused kernels count NaN and inf
-        # in the pass that writes it, so no second read) or queues it in self._sums; on a GPU
+        # in the pass that writes it, so no second read) or queues it in self._queue; on a GPU
         # the check is deferred
         check_now = self._pending is None
-        queued = len(self._sums) if self._sums is not None else 0
+        queued = len(self._queue) if self._queue is not None else 0
         try:
             methods.merge_tensor(recipe.method, base, inputs, donor_params, params,
                                  generator=generator, masks=masks, dtype=math_dtype,
                                  out=self._params[name].data, memo=memo, check_finite=check_now,
-                                 batch=self._sums)
+                                 batch=self._queue)
         except MergeError as err:
             raise MergeError(f"merged tensor {name}: {err}") from None
-        if self._sums is not None and len(self._sums) > queued:
+        if self._queue is not None and len(self._queue) > queued:
             self._queued.append((name, queued))
+            if self._queue.mask_bytes >= _QUEUED_MASK_BYTES:
+                self._run_queued()
         elif not check_now:
             self._check_finite(name, self._params[name].data)
 
     def _run_queued(self) -> None:
-        """Run the queued weighted sums; MergeError naming the first with a NaN or an inf."""
+        """Run the queued merges; MergeError naming the first with a NaN or an inf."""
         queued, self._queued = self._queued, []
         if not queued:
             return
-        counts = self._sums.run()
+        counts = self._queue.run()
         for name, job in queued:
             if counts[job]:
                 raise MergeError(f"merged tensor {name}: {counts[job]} merged values are NaN "

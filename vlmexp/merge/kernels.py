@@ -1,14 +1,14 @@
 """Fused CPU kernels for the merges eager torch cannot make memory-bound.
 
 A weighted sum (task arithmetic, linear, slerp) is one pass per donor in eager torch, plus a
-pass that reads the result back for the finite check; `WeightedSums` reads each input once,
-streams the result out once and counts its NaN and inf values in the same pass, for all the
-tensors of an engine apply in one parallel launch.
+pass that reads the result back for the finite check; the fused kernel reads each input once,
+streams the result out once and counts its NaN and inf values in the same pass. `Queue` runs
+the merges of all the tensors of an engine apply in one parallel launch.
 
 A sign-consensus merge (TIES and relatives) is a dozen elementwise operations per entry; in
 eager torch each is a pass of its own, so the merge is compute-bound at a few percent of the
 memory bandwidth. One numba loop does the whole formula per entry, reading each input once and
-writing the result once. Same math, entry for entry, as `methods.task_arithmetic`'s chunked
+writing the result once (counting its NaN and inf values too). Same math, entry for entry, as `methods.task_arithmetic`'s chunked
 torch path (which serves GPUs, and CPUs when numba is missing); float64 accumulation.
 """
 
@@ -165,47 +165,134 @@ if numba is not None:
                 bad[k] += _entry_at(addrs, coefs, k, j, token)
         return bad
 
-    @numba.njit(parallel=True, cache=True, nogil=True)
-    def _merge(out, base, deltas, masks, has_mask, scales, weights, lam, normalize,
-               mode):  # pragma: no cover - compiled
-        # mode 0: no consensus (a weighted sum, normalised by Σ w_i); 1: elect the sign of
-        # Σ w_i s_i δ_i m_i; 2: elect by counting signs. +1 is elected at 0; entries agreeing
-        # with it are summed and, when normalize, divided by their weights (0 counts as 1).
-        n = len(deltas)
+    def _pointer_intrinsic(item):
+        @intrinsic
+        def pointer(typingctx, addr):  # pragma: no cover - compiled
+            def codegen(context, builder, sig, args):
+                return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+            return types.CPointer(item)(types.int64), codegen
+
+        return pointer
+
+    # a typed pointer from an integer address: p[j] reads entry j, p[j] = v writes it (its
+    # address an affine function of j, which the loop vectoriser needs)
+    _f32p = _pointer_intrinsic(types.float32)
+    _u8p = _pointer_intrinsic(types.uint8)
+
+    _BLOCK = 256  # entries a sign merge works on at a time (its inputs stay in the L1 cache)
+
+    @numba.njit(cache=True, nogil=True)
+    def _sign_chunk(addrs, masks, coefs, weights, lams, flags, k, lo, hi,
+                    token):  # pragma: no cover - compiled
+        # Entries lo … hi-1 of job k; how many results are NaN or inf. flags[k] = 2·mode +
+        # normalize, mode 0: no consensus (a weighted sum, normalised by Σ w_i); 1: elect the
+        # sign of Σ c_i δ_i m_i (c_i = w_i·s_i); 2: elect by counting signs. +1 is elected at
+        # 0; entries agreeing with it are summed and, when normalize, divided by their weights
+        # (0 counts as 1). float32 arithmetic, as the torch path. Block by block, one donor
+        # at a time: each inner loop reads one stream with its address and coefficient in
+        # registers, so that it vectorises.
+        n = len(token)
+        zero, one = np.float32(0), np.float32(1)
+        mode = flags[k] // 2
+        normalize = flags[k] % 2 == 1
+        lam = np.float32(lams[k])
+        out, base = addrs[k, 0], addrs[k, 1]
         weight_sum = 0.0
         for i in range(n):
-            weight_sum += weights[i]
-        for j in numba.prange(out.size):
-            total = 0.0
-            for i in range(n):
-                v = deltas[i][j] * scales[i] * weights[i]
-                if has_mask[i] and not masks[i][j]:
-                    v = 0.0
+            weight_sum += weights[k, i]
+        if mode == 0 and normalize and abs(weight_sum) >= 1e-8:
+            lam = np.float32(lams[k] / weight_sum)
+        total = np.empty(_BLOCK, np.float32)
+        mixed = np.empty(_BLOCK, np.float32)
+        divisor = np.empty(_BLOCK, np.float32)
+        bad = 0
+        for start in range(lo, hi, _BLOCK):
+            m = min(_BLOCK, hi - start)
+            for j in range(m):
+                total[j] = zero
+            for i in range(n):  # total = Σ c_i δ_i m_i, or Σ sign(c_i δ_i m_i)
+                p, mp, c = _f32p(addrs[k, 2 + i] + 4 * start), masks[k, i], np.float32(coefs[k, i])
+                mk = _u8p(mp + start)
+                # (loads not behind a condition: a conditional load does not vectorise)
                 if mode == 2:
-                    total += (v > 0) - (v < 0)
+                    if mp != 0:
+                        for j in range(m):
+                            v = p[j] * c
+                            v = v if mk[j] != 0 else zero
+                            total[j] += np.float32(v > zero) - np.float32(v < zero)
+                    else:
+                        for j in range(m):
+                            v = p[j] * c
+                            total[j] += np.float32(v > zero) - np.float32(v < zero)
+                elif mp != 0:
+                    for j in range(m):
+                        v = p[j] * c
+                        total[j] += v if mk[j] != 0 else zero
                 else:
-                    total += v
+                    for j in range(m):
+                        total[j] += p[j] * c
+            b, o = _f32p(base + 4 * start), _f32p(out + 4 * start)
             if mode == 0:
-                if normalize and abs(weight_sum) >= 1e-8:
-                    total /= weight_sum
-                out[j] = base[j] + lam * total
+                for j in range(m):
+                    r = b[j] + lam * total[j]
+                    o[j] = r
+                    bad += (r - r) != zero
                 continue
-            elected = 1.0 if total >= 0 else -1.0
-            mixed = 0.0
-            divisor = 0.0
-            for i in range(n):
-                v = deltas[i][j] * scales[i] * weights[i]
-                if has_mask[i] and not masks[i][j]:
-                    v = 0.0
-                sign = (v > 0) - (v < 0)
-                if sign == elected:
-                    mixed += v
-                    divisor += weights[i]
-            if normalize:
-                if divisor == 0:
-                    divisor = 1.0
-                mixed /= divisor
-            out[j] = base[j] + lam * mixed
+            for j in range(m):
+                mixed[j] = zero
+                divisor[j] = zero
+            for i in range(n):  # the entries agreeing with the elected sign, and their weights
+                p, mp, c = _f32p(addrs[k, 2 + i] + 4 * start), masks[k, i], np.float32(coefs[k, i])
+                w = np.float32(weights[k, i])
+                mk = _u8p(mp + start)
+                if mp != 0:
+                    for j in range(m):
+                        v = p[j] * c
+                        v = v if mk[j] != 0 else zero
+                        agree = v > zero if total[j] >= zero else v < zero
+                        mixed[j] += v if agree else zero
+                        divisor[j] += w if agree else zero
+                else:
+                    for j in range(m):
+                        v = p[j] * c
+                        agree = v > zero if total[j] >= zero else v < zero
+                        mixed[j] += v if agree else zero
+                        divisor[j] += w if agree else zero
+            for j in range(m):
+                x = mixed[j]
+                if normalize:
+                    x = x / (divisor[j] if divisor[j] != zero else one)
+                r = b[j] + lam * x
+                o[j] = r
+                bad += (r - r) != zero
+        return bad
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def _sign_merges(addrs, masks, coefs, weights, lams, flags, sizes, token,
+                     workers):  # pragma: no cover - compiled
+        # Job k: out = addrs[k, 0], base = addrs[k, 1], δ_i = addrs[k, 2 + i], mask_i =
+        # masks[k, i] (0: none), all of sizes[k] entries. The threads claim chunks of
+        # _CHUNK·_LINE entries of all the jobs from one counter, as in _weighted_sums.
+        # Returns, per job, how many written values are NaN or inf.
+        jobs = sizes.size
+        step = _CHUNK * _LINE
+        first = np.zeros(jobs + 1, np.int64)  # first[k]: job k's first chunk
+        first[1:] = np.cumsum((sizes + step - 1) // step)
+        chunk_bad = np.zeros(first[jobs], np.int64)
+        counter = np.zeros(1, np.int64)
+        for _ in numba.prange(workers):
+            c = _claim(counter)
+            while c < first[jobs]:
+                k = np.searchsorted(first, c, side="right") - 1
+                lo = (c - first[k]) * step
+                chunk_bad[c] = _sign_chunk(addrs, masks, coefs, weights, lams, flags, k, lo,
+                                           min(lo + step, sizes[k]), token)
+                c = _claim(counter)
+        bad = np.zeros(jobs, np.int64)
+        for k in range(jobs):
+            bad[k] = chunk_bad[first[k]:first[k + 1]].sum()
+        return bad
 
 
 # One launch at a time: numba's workqueue layer, when a user picks it, aborts the process on
@@ -220,52 +307,76 @@ def _use_torch_threads() -> None:
     whose idle threads spin a while before they sleep). Its launches are cheap on an idle
     machine, but when another process holds a core each one may wait a scheduler tick for a
     spinning thread to be preempted: hence one launch per apply for the weighted sums
-    (`WeightedSums`). The workqueue layer, whose threads sleep at once, is no cure: waking
+    (`Queue`). The workqueue layer, whose threads sleep at once, is no cure: waking
     them cost 0.2-0.6 ms per launch on these VMs, and TIES, one launch per tensor, took
     0.64-0.82 s instead of 0.34-0.43 s on an idle machine.
     """
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
-class WeightedSums:
-    """Weighted sums out = base_coef·base + Σ_i coefs_i·δ_i, queued, then run in one launch.
+class Queue:
+    """Fused CPU merges, queued, then run in one parallel launch per kind and donor count.
 
-    An engine apply queues every such merge (task arithmetic, linear, slerp) and runs them all
-    at once: one parallel launch per apply instead of one per tensor (a launch can cost a
-    scheduler tick when another process holds a core, or 0.2-0.6 ms of thread wake-ups with
-    sleeping threads, against 0.3 ms of work for a 768x768 tensor). Tensors: contiguous
-    float32 on the CPU (see `available`), kept referenced until `run`. Each result has the
-    bits of `torch.mul(base, base_coef)` (skipped when it is 1) followed by one
-    `add_(δ_i, alpha=coefs_i)` per donor on the CPU: float32 coefficients, one fused
-    multiply-add per donor, in donor order.
+    An engine apply queues every merge the kernels take and runs them all at once: one launch
+    per apply instead of one per tensor (a launch can cost a scheduler tick when another
+    process holds a core, or 0.2-0.6 ms of thread wake-ups with sleeping threads, against
+    0.3 ms of work for a 768x768 tensor). Tensors: contiguous float32 on the CPU (see
+    `available`), kept referenced until `run`; `out` must not overlap the inputs unless it is
+    one of them.
+
+    - `weighted_sum` (task arithmetic, linear, slerp): out = base_coef·base + Σ_i coefs_i·δ_i
+      with the bits of `torch.mul(base, base_coef)` (skipped when it is 1) followed by one
+      `add_(δ_i, alpha=coefs_i)` per donor on the CPU: float32 coefficients, one fused
+      multiply-add per donor, in donor order.
+    - `sign_merge` (TIES and the other sparsified or sign-consensus merges): see there.
     """
 
     def __init__(self) -> None:
-        self._jobs: list[tuple[torch.Tensor, torch.Tensor, float, tuple[torch.Tensor, ...],
-                               tuple[float, ...]]] = []
+        self._sums: list[tuple[int, torch.Tensor, torch.Tensor, float,
+                               tuple[torch.Tensor, ...], tuple[float, ...]]] = []
+        self._signs: list[tuple] = []
+        # bytes of masks held for queued sign merges (a caller may run the queue early to
+        # bound them: masks drawn per apply, as DARE's, live only as long as their job)
+        self.mask_bytes = 0
 
     def __len__(self) -> int:
-        return len(self._jobs)
+        return len(self._sums) + len(self._signs)
 
-    def add(self, out: torch.Tensor, base: torch.Tensor, base_coef: float,
-            deltas: Sequence[torch.Tensor], coefs: Sequence[float]) -> int:
-        """Queue one weighted sum into `out`; its index in `run`'s counts."""
-        self._jobs.append((out, base, float(base_coef), tuple(deltas),
+    def weighted_sum(self, out: torch.Tensor, base: torch.Tensor, base_coef: float,
+                     deltas: Sequence[torch.Tensor], coefs: Sequence[float]) -> int:
+        """Queue out = base_coef·base + Σ_i coefs_i·δ_i; its index in `run`'s counts."""
+        self._sums.append((len(self), out, base, float(base_coef), tuple(deltas),
                            tuple(float(c) for c in coefs)))
-        return len(self._jobs) - 1
+        return len(self) - 1
+
+    def sign_merge(self, out: torch.Tensor, base: torch.Tensor, deltas: Sequence[torch.Tensor],
+                   masks: Sequence[torch.Tensor | None], scales: Sequence[float],
+                   weights: Sequence[float], *, lam: float, normalize: bool,
+                   consensus: str | None) -> int:
+        """Queue out = base + lam · Σ_i w_i·s_i·(δ_i·m_i) over the entries agreeing with the
+        elected sign (all entries without a consensus), divided by the agreeing weights when
+        `normalize`; its index in `run`'s counts. Same math, entry for entry, as
+        `methods.task_arithmetic`'s chunked torch path, in float32 (within an ulp or two: the
+        coefficient w_i·s_i is one rounding here, two there)."""
+        mode = {None: 0, "sum": 1, "count": 2}[consensus]
+        masks = tuple(m.reshape(-1).contiguous().to(torch.bool) if m is not None else None
+                      for m in masks)
+        self.mask_bytes += sum(m.numel() for m in masks if m is not None)
+        self._signs.append((len(self), out, base, tuple(deltas), masks,
+                            tuple(float(s) * float(w) for s, w in zip(scales, weights,
+                                                                      strict=True)),
+                            tuple(float(w) for w in weights), float(lam),
+                            2 * mode + bool(normalize)))
+        return len(self) - 1
 
     def run(self) -> list[int]:
-        """Compute every queued sum; per sum, how many of its values are NaN or inf."""
-        counts = [0] * len(self._jobs)
-        by_donors: dict[int, list[int]] = {}
-        for i, job in enumerate(self._jobs):
-            by_donors.setdefault(len(job[3]), []).append(i)
-        for n, idx in by_donors.items():
-            jobs = [self._jobs[i] for i in idx]
+        """Compute every queued merge; per merge, how many of its values are NaN or inf."""
+        counts = [0] * len(self)
+        for n, jobs in _by_donor_count(self._sums, 4).items():
             addrs = np.array([[o.data_ptr(), b.data_ptr(), *(d.data_ptr() for d in ds)]
-                              for o, b, _, ds, _ in jobs], dtype=np.int64)
-            coefs = np.array([[bc, *cs] for _, _, bc, _, cs in jobs], dtype=np.float32)
-            sizes = np.array([o.numel() for o, *_ in jobs], dtype=np.int64)
+                              for _, o, b, _, ds, _ in jobs], dtype=np.int64)
+            coefs = np.array([[bc, *cs] for *_, bc, _, cs in jobs], dtype=np.float32)
+            sizes = np.array([job[1].numel() for job in jobs], dtype=np.int64)
             # entries before a 64-byte boundary of out (float32 data is 4-byte aligned)
             heads = np.minimum(-addrs[:, 0] % 64 // 4, sizes)
             with _LAUNCH:
@@ -273,34 +384,52 @@ class WeightedSums:
                 # the token's length is the donor count: one compiled specialisation per count
                 bad = _weighted_sums(addrs, coefs, sizes, heads, (0,) * n,
                                      numba.get_num_threads())
-            for i, b in zip(idx, bad.tolist(), strict=True):
-                counts[i] = b
-        self._jobs.clear()
+            for job, b in zip(jobs, bad.tolist(), strict=True):
+                counts[job[0]] = b
+        for n, jobs in _by_donor_count(self._signs, 3).items():
+            addrs = np.array([[o.data_ptr(), b.data_ptr(), *(d.data_ptr() for d in ds)]
+                              for _, o, b, ds, *_ in jobs], dtype=np.int64)
+            masks = np.array([[m.data_ptr() if m is not None else 0 for m in job[4]]
+                              for job in jobs], dtype=np.int64)
+            coefs = np.array([job[5] for job in jobs], dtype=np.float64)
+            weights = np.array([job[6] for job in jobs], dtype=np.float64)
+            lams = np.array([job[7] for job in jobs], dtype=np.float64)
+            flags = np.array([job[8] for job in jobs], dtype=np.int64)
+            sizes = np.array([job[1].numel() for job in jobs], dtype=np.int64)
+            with _LAUNCH:
+                _use_torch_threads()
+                bad = _sign_merges(addrs, masks, coefs, weights, lams, flags, sizes, (0,) * n,
+                                   numba.get_num_threads())
+            for job, b in zip(jobs, bad.tolist(), strict=True):
+                counts[job[0]] = b
+        self._sums.clear()
+        self._signs.clear()
+        self.mask_bytes = 0
         return counts
+
+
+def _by_donor_count(jobs: list[tuple], at: int) -> dict[int, list[tuple]]:
+    """Jobs grouped by their donor count (len(job[at])): one compiled kernel per count."""
+    groups: dict[int, list[tuple]] = {}
+    for job in jobs:
+        groups.setdefault(len(job[at]), []).append(job)
+    return groups
 
 
 def weighted_sum(out: torch.Tensor, base: torch.Tensor, base_coef: float,
                  deltas: Sequence[torch.Tensor], coefs: Sequence[float]) -> int:
-    """out = base_coef·base + Σ_i coefs_i·δ_i now (see `WeightedSums`); how many are NaN/inf."""
-    sums = WeightedSums()
-    sums.add(out, base, base_coef, deltas, coefs)
-    return sums.run()[0]
+    """out = base_coef·base + Σ_i coefs_i·δ_i now (see `Queue`); how many are NaN or inf."""
+    queue = Queue()
+    queue.weighted_sum(out, base, base_coef, deltas, coefs)
+    return queue.run()[0]
 
 
 def merge(out: torch.Tensor, base: torch.Tensor, deltas: Sequence[torch.Tensor],
           masks: Sequence[torch.Tensor | None], scales: Sequence[float],
           weights: Sequence[float], *, lam: float, normalize: bool,
-          consensus: str | None) -> None:
-    """out = base + lam · Σ_i w_i·s_i·(δ_i·m_i) over the entries agreeing with the elected sign
-    (all entries without a consensus), divided by the agreeing weights when `normalize`."""
-    empty = np.zeros(0, dtype=np.bool_)
-    out_np = out.view(-1).numpy()
-    # homogeneous tuples (one compiled specialisation per donor count, cached on disk)
-    d_list = tuple(d.reshape(-1).numpy() for d in deltas)
-    m_list = tuple(m.reshape(-1).numpy() if m is not None else empty for m in masks)
-    has_mask = np.array([m is not None for m in masks], dtype=np.bool_)
-    with _LAUNCH:
-        _use_torch_threads()
-        _merge(out_np, base.reshape(-1).numpy(), d_list, m_list, has_mask,
-               np.asarray(scales, dtype=np.float64), np.asarray(weights, dtype=np.float64),
-               float(lam), bool(normalize), {None: 0, "sum": 1, "count": 2}[consensus])
+          consensus: str | None) -> int:
+    """`Queue.sign_merge` now; how many of the values written are NaN or inf."""
+    queue = Queue()
+    queue.sign_merge(out, base, deltas, masks, scales, weights, lam=lam, normalize=normalize,
+                     consensus=consensus)
+    return queue.run()[0]

@@ -77,7 +77,7 @@ def task_arithmetic(
     masks: Sequence[torch.Tensor | None] | None = None,
     out: torch.Tensor | None = None,
     checks: dict[str, int] | None = None,
-    batch: kernels.WeightedSums | None = None,
+    batch: kernels.Queue | None = None,
     **_: Any,
 ) -> torch.Tensor:
     """base + lambda · Σ w_i · sparsify(δ_i) [· sign-consensus mask] [/ normalizer].
@@ -105,10 +105,17 @@ def task_arithmetic(
     if out is None:
         out = torch.empty_like(base)
     if kernels.available([out, base, *deltas]) and all(k.per_entry is None for k in kept):
-        # one fused pass instead of a dozen elementwise ones (see vlmexp/merge/kernels.py)
-        kernels.merge(out, base, [k.delta for k in kept], [k.mask for k in kept],
-                      [k.scale for k in kept], weights, lam=lam,
-                      normalize=bool(params["normalize"]), consensus=consensus)
+        # one fused pass instead of a dozen elementwise ones (see vlmexp/merge/kernels.py),
+        # now or queued in `batch`; it counts the NaN and inf values it writes
+        fused = ([k.delta for k in kept], [k.mask for k in kept], [k.scale for k in kept],
+                 weights)
+        options = {"lam": lam, "normalize": bool(params["normalize"]), "consensus": consensus}
+        if batch is not None:
+            batch.sign_merge(out, base, *fused, **options)
+        else:
+            bad = kernels.merge(out, base, *fused, **options)
+            if checks is not None:
+                checks["non_finite"] = bad
         return out
     flat_out, flat_base = out.view(-1), base.reshape(-1)
     # Elementwise from here on: on the CPU, work in cache-sized chunks, so that the few
@@ -224,7 +231,7 @@ def linear(
     params: Params,
     out: torch.Tensor | None = None,
     checks: dict[str, int] | None = None,
-    batch: kernels.WeightedSums | None = None,
+    batch: kernels.Queue | None = None,
     **_: Any,
 ) -> torch.Tensor:
     """Weighted average of the base (weight `base_weight`) and the donors (weights w_i).
@@ -249,7 +256,7 @@ def linear(
 def _weighted_sum(
     base: torch.Tensor, base_coef: float, deltas: Sequence[torch.Tensor], coefs: Sequence[float],
     out: torch.Tensor | None = None, checks: dict[str, int] | None = None,
-    batch: kernels.WeightedSums | None = None,
+    batch: kernels.Queue | None = None,
 ) -> torch.Tensor:
     """base_coef·base + Σ coefs_i·δ_i into `out` (or a fresh tensor).
 
@@ -261,7 +268,7 @@ def _weighted_sum(
         out = torch.empty_like(base)
     if kernels.available([out, base, *deltas]):
         if batch is not None:
-            batch.add(out, base, base_coef, deltas, coefs)
+            batch.weighted_sum(out, base, base_coef, deltas, coefs)
             return out
         bad = kernels.weighted_sum(out, base, base_coef, deltas, coefs)
         if checks is not None:
@@ -287,7 +294,7 @@ def slerp(
     out: torch.Tensor | None = None,
     memo: dict[str, Any] | None = None,
     checks: dict[str, int] | None = None,
-    batch: kernels.WeightedSums | None = None,
+    batch: kernels.Queue | None = None,
     **_: Any,
 ) -> torch.Tensor:
     """Spherical interpolation from the base (t = 0) to the one donor (t = 1), whole tensor.
@@ -736,7 +743,7 @@ def merge_tensor(
     out: torch.Tensor | None = None,
     memo: dict[str, Any] | None = None,
     check_finite: bool = False,
-    batch: kernels.WeightedSums | None = None,
+    batch: kernels.Queue | None = None,
 ) -> torch.Tensor:
     """Merge one tensor: `method` over the base and the donors, in `dtype`, cast to base's dtype.
 
