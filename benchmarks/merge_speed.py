@@ -160,6 +160,9 @@ def main() -> int:
                "mergekit-yaml not found: ./setup.sh dev installs it")
         print(f"mergekit route: skipped ({why})")
         return 0
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the figures, not shard-writing bars
     tmp = Path(tempfile.mkdtemp(prefix="merge_speed-"))
     try:
         for name, model in (("base", engine.model), ("d1", d1), ("d2", d2)):
