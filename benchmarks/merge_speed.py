@@ -128,17 +128,21 @@ def main() -> int:
     # bytes per element the merge must read and write
     must_move = {"task_arithmetic": 4 * 4, "ties": 4 * 4 + 2 * 1, "slerp": 3 * 4}
     goals = {"task_arithmetic": 0.80, "ties": 0.40, "slerp": 0.30}
-    rows = []
-    for method in ("task_arithmetic", "ties", "slerp"):
-        recipe = Recipe.from_dict(recipe_dict(method, "base", ["d1", "d2"]))
-        first = engine.apply(recipe)  # ties: computes and caches its masks
-        runs = []
-        for _ in range(args.repeats):
+    methods = ("task_arithmetic", "ties", "slerp")
+    recipes = {m: Recipe.from_dict(recipe_dict(m, "base", ["d1", "d2"])) for m in methods}
+    first = {m: engine.apply(recipes[m]) for m in methods}  # ties: computes and caches its masks
+    # round-robin, so that every method is timed across the whole run (a machine that is slow
+    # for a second, as right after the model's memory was first touched, costs all alike)
+    runs: dict[str, list] = {m: [] for m in methods}
+    for _ in range(args.repeats):
+        for m in methods:
             bw.sample()
-            runs.append(engine.apply(recipe))
-        bw.sample()
-        assert all(r.weights_digest == first.weights_digest for r in runs)
-        rows.append((method, min(r.seconds for r in runs), min(r.digest_seconds for r in runs)))
+            runs[m].append(engine.apply(recipes[m]))
+    bw.sample()
+    rows = []
+    for m in methods:
+        assert all(r.weights_digest == first[m].weights_digest for r in runs[m])
+        rows.append((m, min(r.seconds for r in runs[m]), min(r.digest_seconds for r in runs[m])))
     # one bandwidth for every row: the best seen in the whole run (the conservative bound)
     print(f"{'method':<16}{'apply s':>9}{'bound s':>9}{'of bound':>10}{'goal':>7}"
           f"{'digest s':>10}")
