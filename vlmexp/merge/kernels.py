@@ -132,6 +132,22 @@ if numba is not None:
 
         return types.none(), codegen
 
+    @numba.njit(cache=True, nogil=True)
+    def _chunk_table(units, per_chunk):  # pragma: no cover - compiled
+        """first[k]: the first chunk of job k (of units[k] units, per_chunk units a chunk);
+        first[-1]: how many chunks in all."""
+        first = np.zeros(units.size + 1, np.int64)
+        first[1:] = np.cumsum((units + per_chunk - 1) // per_chunk)
+        return first
+
+    @numba.njit(cache=True, nogil=True)
+    def _per_job(first, chunk_counts):  # pragma: no cover - compiled
+        """The chunks' counts summed per job."""
+        out = np.zeros(first.size - 1, np.int64)
+        for k in range(out.size):
+            out[k] = chunk_counts[first[k]:first[k + 1]].sum()
+        return out
+
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _weighted_sums(addrs, coefs, sizes, heads, token, workers):  # pragma: no cover
         # Job k: sizes[k] entries; entries before heads[k] (where out is 64-byte aligned) and
@@ -141,8 +157,7 @@ if numba is not None:
         # most. Returns, per job, how many written values are NaN or inf.
         jobs = sizes.size
         lines = (sizes - heads) // _LINE
-        first = np.zeros(jobs + 1, np.int64)  # first[k]: job k's first chunk
-        first[1:] = np.cumsum((lines + _CHUNK - 1) // _CHUNK)
+        first = _chunk_table(lines, _CHUNK)
         chunk_bad = np.zeros(first[jobs], np.int64)
         counter = np.zeros(1, np.int64)
         for _ in numba.prange(workers):
@@ -156,9 +171,8 @@ if numba is not None:
                 chunk_bad[c] = bad
                 c = _claim(counter)
             _fence()
-        bad = np.zeros(jobs, np.int64)
+        bad = _per_job(first, chunk_bad)
         for k in range(jobs):
-            bad[k] = chunk_bad[first[k]:first[k + 1]].sum()
             for j in range(heads[k]):
                 bad[k] += _entry_at(addrs, coefs, k, j, token)
             for j in range(heads[k] + lines[k] * _LINE, sizes[k]):
@@ -277,8 +291,7 @@ if numba is not None:
         # Returns, per job, how many written values are NaN or inf.
         jobs = sizes.size
         step = _CHUNK * _LINE
-        first = np.zeros(jobs + 1, np.int64)  # first[k]: job k's first chunk
-        first[1:] = np.cumsum((sizes + step - 1) // step)
+        first = _chunk_table(sizes, step)
         chunk_bad = np.zeros(first[jobs], np.int64)
         counter = np.zeros(1, np.int64)
         for _ in numba.prange(workers):
@@ -289,10 +302,7 @@ if numba is not None:
                 chunk_bad[c] = _sign_chunk(addrs, masks, coefs, weights, lams, flags, k, lo,
                                            min(lo + step, sizes[k]), token)
                 c = _claim(counter)
-        bad = np.zeros(jobs, np.int64)
-        for k in range(jobs):
-            bad[k] = chunk_bad[first[k]:first[k + 1]].sum()
-        return bad
+        return _per_job(first, chunk_bad)
 
 
 # One launch at a time: numba's workqueue layer, when a user picks it, aborts the process on
