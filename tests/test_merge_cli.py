@@ -144,6 +144,16 @@ def test_export_refuses_what_mergekit_cannot_express(tmp_path, folders, capsys):
                      {"language": {"d1": {}, "d2": {}}})
     assert main(["export", str(r)]) == 2
     assert "cannot leave component 'vision' out" in capsys.readouterr().err
+    # a donor saved in transformers' default layout: mergekit would drop its language model
+    r = write_recipe(tmp_path / "r3.yaml", folders, "task_arithmetic",
+                     {"language": {"d1_legacy": {"weight": 0.5}}}, donors=("d1_legacy",))
+    out = tmp_path / "mk.yaml"
+    assert main(["export", str(r), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "donor 'd1_legacy'" in err and "legacy names (e.g. 'language_model." in err
+    assert "save_original_format=False" in err
+    assert not out.exists()
 
 
 def test_merge_refuses_a_bad_recipe_without_writing(tmp_path, folders, capsys):

@@ -303,6 +303,20 @@ def _check_weights(folder: Path, *, allow_pickle: bool) -> Path:
     raise CheckpointError(f"{folder}: no weights ({SAFE_WEIGHTS} or {SAFE_INDEX})")
 
 
+def stored_tensor_names(folder: str | os.PathLike) -> set[str]:
+    """The tensor names a local safetensors checkpoint stores (headers only, no weights read).
+
+    transformers' default save writes LLaVA-like models under legacy names (e.g.
+    `language_model.model.layers.0…`), which differ from the in-memory ones
+    (`model.language_model.layers.0…`); tools that read the files, not transformers, see these.
+    """
+    folder = Path(folder)
+    weights = _check_weights(folder, allow_pickle=False)
+    if weights.name == SAFE_INDEX:
+        return set(json.loads(weights.read_text())["weight_map"])
+    return _check_shard(weights)
+
+
 def _check_index(folder: Path, index: Path) -> None:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]

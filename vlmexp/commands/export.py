@@ -48,7 +48,32 @@ def mergekit_config(recipe) -> dict:
             return auto_model_class(config).from_config(config)
 
     base = skeleton(recipe.base.path)
-    kinds = {d.name: align(base, skeleton(d.path), vocab=recipe.vocab).kind
+    models = {"base": (recipe.base.path, base)}
+    models.update({f"donor {d.name!r}": (d.path, skeleton(d.path)) for d in recipe.donors})
+    kinds = {d.name: align(base, models[f"donor {d.name!r}"][1], vocab=recipe.vocab).kind
              for d in recipe.donors}
+    if all(kind == "same" for kind in kinds.values()):
+        for what, (path, model) in models.items():
+            _check_native_layout(what, path, model)
     dtype = str(next(base.parameters()).dtype).removeprefix("torch.")
     return to_mergekit(recipe, discover(base), donor_kinds=kinds, out_dtype=dtype)
+
+
+def _check_native_layout(what: str, path: str, model) -> None:
+    """RecipeError unless the folder stores its tensors under the in-memory names.
+
+    mergekit 0.1.5 reads the files itself and knows LLaVA-like models by their in-memory names:
+    from a checkpoint in transformers' default (legacy) layout it silently leaves out what it
+    does not recognise (a LLaVA's whole language model), so the export would not give the
+    recipe's tensors.
+    """
+    from vlmexp.checkpoint import stored_tensor_names
+    from vlmexp.errors import RecipeError
+
+    stored = stored_tensor_names(path)
+    foreign = sorted(stored - set(model.state_dict()))
+    if foreign:
+        raise RecipeError(
+            f"{what}: {path} stores its tensors under transformers' legacy names (e.g. "
+            f"{foreign[0]!r}), of which mergekit 0.1.5 silently drops part; re-save it with "
+            f"save_pretrained(DIR, save_original_format=False) and point the recipe there")
