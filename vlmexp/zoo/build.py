@@ -37,7 +37,7 @@ from vlmexp.zoo import data
 from vlmexp.zoo.train import encode_image_items, encode_text_items, train
 
 # Bump when the code changes what a given ZooSettings builds: it is part of the cache key.
-ZOO_FORMAT = 2  # 2: 256-item colour/shape splits
+ZOO_FORMAT = 3  # 2: 256-item colour/shape splits; 3: saved under the in-memory tensor names
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 ENV_DIR = "VLMEXP_ZOO_DIR"
 DEFAULT_DIR = Path(".vlmexp_cache") / "zoo"
@@ -226,7 +226,8 @@ def build_zoo(out: Path, settings: ZooSettings, *, progress: bool = True) -> dic
 
     paths = ZooPaths.under(out)
     for model, folder in ((base, paths.base), (vqa, paths.vqa_expert), (text, paths.text_expert)):
-        model.save_pretrained(folder)
+        # in-memory names, not transformers' legacy ones: mergekit reads them (vlmexp export)
+        model.save_pretrained(folder, save_original_format=False)
         processor.save_pretrained(folder)
     data.write_evals(paths.evals)
     manifest = {
