@@ -15,32 +15,19 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+from _studies import arguments, best, mean, study
 
 
 def run(pruning: bool, trials: int, seed: int, extra: list[str], workdir: Path) -> dict:
     import mlflow
 
-    from vlmexp.search.config import compose
-    from vlmexp.search.study import run_search
-
-    workdir.mkdir(parents=True, exist_ok=True)
-    cfg = compose([
-        f"search.n_trials={trials}", f"search.seed={seed}",
-        f"search.pruning.enabled={str(pruning).lower()}",
-        f"search.storage=sqlite:///{workdir / 'optuna.db'}",
-        f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
-        f"study_name=pruning-{'on' if pruning else 'off'}", *extra,
-    ])
-    result = run_search(cfg, progress=True)
+    cfg, result = study([f"search.pruning.enabled={str(pruning).lower()}", *extra],
+                        name=f"pruning-{'on' if pruning else 'off'}", trials=trials, seed=seed,
+                        workdir=workdir)
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
     exp = client.get_experiment_by_name(str(cfg.study_name))
     runs = client.search_runs([exp.experiment_id], "tags.`vlmexp.role` = 'trial'",
@@ -50,23 +37,13 @@ def run(pruning: bool, trials: int, seed: int, extra: list[str], workdir: Path) 
     key = f"intermediate.{cfg.search.objectives[0]}"
     items = sum(max((m.step for m in client.get_metric_history(r.info.run_id, key)), default=0)
                 for r in runs)
-    best = result.best[0]
-    test = result.test.get(best.number, {})
-    return {"eval_s": eval_s, "items": items, "val": best.value, "test": test.get("combined", float("nan")),
+    return {**best(result), "eval_s": eval_s, "items": items,
             "pruned": sum(r.data.tags.get("vlmexp.state") == "PRUNED" for r in runs),
             "trials": len(runs), "total_s": result.seconds}
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trials", type=int, default=40)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("overrides", nargs="*", help="more config overrides for both runs")
-    args = ap.parse_args()
-    from vlmexp.search.config import compose
-    from vlmexp.search.study import resolve_models
-
-    resolve_models(compose().models)  # build the zoo first, outside both timings
+    args = arguments(__doc__.splitlines()[0])
     rows = []
     with tempfile.TemporaryDirectory(prefix="pruning-") as tmp:
         for seed in args.seeds:
@@ -81,16 +58,15 @@ def main() -> int:
               f"{r['items']:>8}{r['eval_s']:>9.1f}{r['total_s']:>9.1f}{r['val']:>10.3f}"
               f"{r['test']:>10.3f}")
 
-    def mean(pruning: bool, key: str) -> float:
-        values = [r[key] for _, p, r in rows if p == pruning]
-        return sum(values) / len(values)
+    def mean_of(pruning: bool, key: str) -> float:
+        return mean(rows, pruning, key)
 
-    saved = 1 - mean(True, "eval_s") / mean(False, "eval_s")
-    items_saved = 1 - mean(True, "items") / mean(False, "items")
+    saved = 1 - mean_of(True, "eval_s") / mean_of(False, "eval_s")
+    items_saved = 1 - mean_of(True, "items") / mean_of(False, "items")
     print(f"evaluation time saved: {saved:.0%} (goal >= 40%); items evaluated saved: "
           f"{items_saved:.0%}; mean best val "
-          f"{mean(True, 'val'):.3f} with pruning vs {mean(False, 'val'):.3f} without; "
-          f"mean best test {mean(True, 'test'):.3f} vs {mean(False, 'test'):.3f}")
+          f"{mean_of(True, 'val'):.3f} with pruning vs {mean_of(False, 'val'):.3f} without; "
+          f"mean best test {mean_of(True, 'test'):.3f} vs {mean_of(False, 'test'):.3f}")
     return 0
 
 
