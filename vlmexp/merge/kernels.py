@@ -316,10 +316,10 @@ def _use_torch_threads() -> None:
     Numba's default layer here is OpenMP, which binds to torch's own libgomp (one thread pool,
     whose idle threads spin a while before they sleep). Its launches are cheap on an idle
     machine, but when another process holds a core each one may wait a scheduler tick for a
-    spinning thread to be preempted: hence one launch per apply for the weighted sums
-    (`Queue`). The workqueue layer, whose threads sleep at once, is no cure: waking
-    them cost 0.2-0.6 ms per launch on these VMs, and TIES, one launch per tensor, took
-    0.64-0.82 s instead of 0.34-0.43 s on an idle machine.
+    spinning thread to be preempted: hence one launch per apply (`Queue`). The workqueue
+    layer, whose threads sleep at once, is no cure: waking them cost 0.2-0.6 ms per launch on
+    these VMs (TIES, then one launch per tensor, took 0.64-0.82 s instead of 0.34-0.43 s on an
+    idle machine).
     """
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
