@@ -48,13 +48,12 @@ def mergekit_config(recipe) -> dict:
             return auto_model_class(config).from_config(config)
 
     base = skeleton(recipe.base.path)
-    models = {"base": (recipe.base.path, base)}
-    models.update({f"donor {d.name!r}": (d.path, skeleton(d.path)) for d in recipe.donors})
-    kinds = {d.name: align(base, models[f"donor {d.name!r}"][1], vocab=recipe.vocab).kind
-             for d in recipe.donors}
+    donors = {d.name: skeleton(d.path) for d in recipe.donors}
+    kinds = {name: align(base, model, vocab=recipe.vocab).kind for name, model in donors.items()}
     if all(kind == "same" for kind in kinds.values()):
-        for what, (path, model) in models.items():
-            _check_native_layout(what, path, model)
+        _check_native_layout("base", recipe.base.path, base)
+        for d in recipe.donors:
+            _check_native_layout(f"donor {d.name!r}", d.path, donors[d.name])
     dtype = str(next(base.parameters()).dtype).removeprefix("torch.")
     return to_mergekit(recipe, discover(base), donor_kinds=kinds, out_dtype=dtype)
 

@@ -121,7 +121,7 @@ class MergeEngine:
         self._defer_checks = not self.device.startswith("cpu")
         self._pending: list[tuple[str, torch.Tensor]] | None = None
         self._queue: kernels.Queue | None = None  # an apply's queued fused merges
-        self._queued: list[tuple[str, int]] = []  # (tensor, its index in self._queue)
+        self._queued: list[str] = []  # the tensors of self._queue's jobs, in order
         self.vocab = vocab
         self.math_dtype = math_dtype
         loaded = _as_loaded(base, self.device)
@@ -332,7 +332,7 @@ class MergeEngine:
         except MergeError as err:
             raise MergeError(f"merged tensor {name}: {err}") from None
         if self._queue is not None and len(self._queue) > queued:
-            self._queued.append((name, queued))
+            self._queued.append(name)
             if self._queue.mask_bytes >= _QUEUED_MASK_BYTES:
                 self._run_queued()
         elif not check_now:
@@ -343,11 +343,9 @@ class MergeEngine:
         queued, self._queued = self._queued, []
         if not queued:
             return
-        counts = self._queue.run()
-        for name, job in queued:
-            if counts[job]:
-                raise MergeError(f"merged tensor {name}: {counts[job]} merged values are NaN "
-                                 f"or inf")
+        for name, count in zip(queued, self._queue.run(), strict=True):
+            if count:
+                raise MergeError(f"merged tensor {name}: {count} merged values are NaN or inf")
 
     def _check_finite(self, name: str, t: torch.Tensor) -> None:
         """Raise MergeError naming `name` when `t` has a NaN or an inf (on a GPU: at the end)."""

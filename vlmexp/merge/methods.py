@@ -765,8 +765,8 @@ def merge_tensor(
         check_finite: raise MergeError when the result has a NaN or an inf: counted by the
             fused CPU kernels in the pass that writes the result, else one vectorised sum (the
             elementwise test runs only when that sum is not finite).
-        batch: where the fused CPU weighted sums (task arithmetic, linear, slerp) into `out`
-            are queued rather than computed: `out` holds the result, and its NaN/inf count is
+        batch: where the fused CPU merges into `out` (weighted sums: task arithmetic, linear,
+            slerp; sign merges: TIES and relatives) are queued rather than computed: `out` holds the result, and its NaN/inf count is
             known, only after `batch.run()` (so check_finite leaves a queued result to it).
             The engine queues a whole apply this way, to merge it in one parallel launch.
 
