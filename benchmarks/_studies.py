@@ -21,7 +21,7 @@ def arguments(description: str) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("overrides", nargs="*", help="more config overrides for every study")
     args = ap.parse_args()
-    from vlmexp.search.config import compose
+    from vlmexp.config import compose
     from vlmexp.search.study import resolve_models
 
     resolve_models(compose().models)
@@ -31,7 +31,7 @@ def arguments(description: str) -> argparse.Namespace:
 def study(overrides: list[str], *, name: str, trials: int, seed: int,
           workdir: Path) -> tuple[Any, Any]:
     """Run one demo study into stores under `workdir`: (its composed config, its result)."""
-    from vlmexp.search.config import compose
+    from vlmexp.config import compose
     from vlmexp.search.study import run_search
 
     workdir.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from vlmexp.search.config import compose, validate
+from vlmexp.config import compose, validate
 from vlmexp.search.study import BASELINE_ATTR, run_search
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "evals" / "examples"

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from vlmexp.errors import CheckpointError
+from vlmexp.errors import CheckpointError, one_line
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -109,7 +109,7 @@ def open_model(
             ignore_mismatched_sizes=True,
         )
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{folder}: cannot load weights: {_one_line(err)}") from err
+        raise CheckpointError(f"{folder}: cannot load weights: {one_line(err)}") from err
     _check_loading_info(weights, info)
     model = model.to(resolve_device(device)).eval()
     processor = _load_processor(folder) if load_processor else None
@@ -138,8 +138,8 @@ def load_processor(path: str | os.PathLike) -> Any | None:
             return AutoTokenizer.from_pretrained(folder if folder.is_dir() else os.fspath(path))
         except Exception as err:
             raise CheckpointError(
-                f"{path}: cannot load processor ({_one_line(processor_err)}) "
-                f"or tokenizer ({_one_line(err)})"
+                f"{path}: cannot load processor ({one_line(processor_err)}) "
+                f"or tokenizer ({one_line(err)})"
             ) from err
 
 
@@ -182,7 +182,7 @@ def save_model(
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, OSError):
-            raise CheckpointError(f"{out}: cannot write checkpoint: {_one_line(err)}") from err
+            raise CheckpointError(f"{out}: cannot write checkpoint: {one_line(err)}") from err
         raise
     return out
 
@@ -238,11 +238,6 @@ def folder_weights_sha256(
 # --- opening: find the folder, check its files -------------------------------------------------
 
 
-def _one_line(err: BaseException | str) -> str:
-    text = str(err).strip() or type(err).__name__
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
-
-
 def _offline() -> bool:
     from huggingface_hub import constants
 
@@ -272,7 +267,7 @@ def _local_folder(name: str, *, allow_pickle: bool) -> Path:
     try:
         return Path(snapshot_download(name, allow_patterns=patterns))
     except Exception as err:  # network, auth, unknown repo: all one line naming the id
-        raise CheckpointError(f"{name}: cannot fetch from the hub: {_one_line(err)}") from err
+        raise CheckpointError(f"{name}: cannot fetch from the hub: {one_line(err)}") from err
 
 
 def _check_weights(folder: Path, *, allow_pickle: bool) -> Path:
@@ -323,7 +318,7 @@ def _check_index(folder: Path, index: Path) -> None:
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError("empty weight_map")
     except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{index}: malformed index ({_one_line(err)})") from err
+        raise CheckpointError(f"{index}: malformed index ({one_line(err)})") from err
     shards: dict[str, set[str]] = {}
     for key, shard in weight_map.items():
         shards.setdefault(shard, set()).add(key)
@@ -363,7 +358,7 @@ def _check_shard(path: Path) -> set[str]:
                 raise ValueError(f"tensor {name}: offsets do not match dtype and shape")
             end = max(end, stop)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: corrupt safetensors file ({_one_line(err)})") from err
+        raise CheckpointError(f"{path}: corrupt safetensors file ({one_line(err)})") from err
     if size != 8 + header_len + end:
         raise CheckpointError(
             f"{path}: truncated or corrupt safetensors file ({size} bytes, header says "
@@ -380,7 +375,7 @@ def _load_config(folder: Path, *, trust_remote_code: bool) -> Any:
     try:
         raw = json.loads(config_file.read_text())
     except ValueError as err:
-        raise CheckpointError(f"{config_file}: not valid JSON ({_one_line(err)})") from err
+        raise CheckpointError(f"{config_file}: not valid JSON ({one_line(err)})") from err
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     has_code = isinstance(raw, dict) and "auto_map" in raw
     if model_type not in CONFIG_MAPPING and not (has_code and trust_remote_code):
@@ -397,7 +392,7 @@ def _load_config(folder: Path, *, trust_remote_code: bool) -> Any:
     try:
         return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{config_file}: cannot read config ({_one_line(err)})") from err
+        raise CheckpointError(f"{config_file}: cannot read config ({one_line(err)})") from err
 
 
 def _auto_classes() -> list[tuple[str, Any, Any]]:
@@ -468,7 +463,7 @@ def _check_loading_info(weights: Path, info: Mapping[str, Any]) -> None:
         if keys:
             more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
             problems.append(f"{kind.replace('_', ' ')}: {', '.join(keys[:3])}{more}")
-    problems += [_one_line(msg) for msg in info.get("error_msgs") or ()]
+    problems += [one_line(msg) for msg in info.get("error_msgs") or ()]
     if problems:
         raise CheckpointError(f"{weights}: weights do not match the model; " + "; ".join(problems))
 

@@ -37,3 +37,16 @@ class ConfigError(VlmexpError):
 
 class TrackingError(VlmexpError):
     """An MLflow run or artifact that is missing or inconsistent."""
+
+
+def one_line(err: BaseException | str, limit: int | None = None) -> str:
+    """An error's text as one line (its lines joined), cut to `limit` characters if given.
+
+    Example:
+        >>> one_line(ValueError("bad value\\n  at key x"))
+        'bad value at key x'
+    """
+    text = " ".join(str(err).split()) or type(err).__name__
+    if limit is not None and len(text) > limit:
+        return text[: limit - 1] + "…"
+    return text

@@ -80,9 +80,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _evaluate(info: RunInfo, engine: MergeEngine) -> None:
     """Re-run the study's evaluation on the rebuilt model; print logged vs now."""
+    from vlmexp.config import eval_config
     from vlmexp.errors import EvalError
     from vlmexp.eval import Evaluator
-    from vlmexp.search.config import eval_config
     from vlmexp.search.tracking import load_study_config
 
     config = load_study_config(info.tracking_uri, info.run_id)

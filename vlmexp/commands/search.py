@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    from vlmexp.search.config import compose
+    from vlmexp.config import compose
 
     cfg = compose(args.overrides, config_dir=args.config_dir)
     if args.cfg:

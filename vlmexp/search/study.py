@@ -5,7 +5,7 @@ task vectors), the processor, the evaluator and its data, the Optuna study and t
 tracker. Each trial then only merges in place and evaluates, in rungs when pruning is on.
 
 Example:
-    >>> from vlmexp.search.config import compose
+    >>> from vlmexp.config import compose
     >>> result = run_search(compose(["search.n_trials=3"]))  # doctest: +SKIP
 """
 
@@ -23,10 +23,10 @@ import optuna
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
+from vlmexp.config import eval_config, to_dict
 from vlmexp.errors import ConfigError, EvalError, MergeError, VlmexpError
 from vlmexp.merge.engine import MergeEngine
 from vlmexp.merge.recipe import ModelRef, Recipe
-from vlmexp.search.config import eval_config, to_dict
 from vlmexp.search.space import SearchSpace
 
 BASELINE_ATTR = "vlmexp.baseline"

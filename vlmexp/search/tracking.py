@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from vlmexp.errors import TrackingError
+from vlmexp.errors import TrackingError, one_line
 from vlmexp.merge.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -103,12 +103,6 @@ class RunInfo:
 # ---------------------------------------------------------------------------- helpers
 
 
-def _one_line(err: BaseException | str, limit: int = 300) -> str:
-    text = str(err).strip() or type(err).__name__
-    line = text.splitlines()[0].strip()
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
 @contextmanager
 def _tracking(what: str) -> Iterator[None]:
     """Turn any failure inside into a one-line TrackingError that says what was being done."""
@@ -117,7 +111,7 @@ def _tracking(what: str) -> Iterator[None]:
     except TrackingError:
         raise
     except Exception as err:  # MlflowException, sqlalchemy, OSError, ...: never crash the study
-        raise TrackingError(f"{what}: {_one_line(err)}") from err
+        raise TrackingError(f"{what}: {one_line(err, 300)}") from err
 
 
 def _client(tracking_uri: str) -> MlflowClient:
@@ -551,7 +545,7 @@ class Tracker:
                                                                   "recipe.yaml"))
                 except Exception as err:  # noqa: BLE001 - a missing plot must not end the study
                     warnings.warn(f"no weights-vs-depth plot for trial {row['trial']}: "
-                                  f"{_one_line(err)}", stacklevel=2)
+                                  f"{one_line(err, 300)}", stacklevel=2)
             if recipe is None:
                 continue
             fig = plots.weights_vs_depth_figure(
@@ -581,7 +575,7 @@ class Tracker:
                     out[name] = dict(optuna.importance.get_param_importances(study,
                                                                               target=target))
             except Exception as err:  # noqa: BLE001 - e.g. no parameter common to all trials
-                warnings.warn(f"parameter importances for {name!r} skipped: {_one_line(err)}",
+                warnings.warn(f"parameter importances for {name!r} skipped: {one_line(err, 300)}",
                               stacklevel=2)
         return {k: v for k, v in out.items() if v}
 
@@ -609,7 +603,7 @@ def _trial_entries(record: TrialRecord, state: str, parent_run_id: str, study_na
     if record.baseline:
         tags[BASELINE] = record.baseline
     if record.reason:
-        tags[REASON] = _one_line(record.reason, _MAX_TAG)
+        tags[REASON] = one_line(record.reason, _MAX_TAG)
     params = record.recipe.flat_params() if record.recipe is not None else {}
     params.update({f"optuna.{k}": json.dumps(v) if isinstance(v, list) else str(v)
                    for k, v in record.params.items()})
@@ -680,7 +674,7 @@ def find_run(tracking_uri: str | None, *, run_id: str | None = None, best: bool 
             text = _read_artifact(client, rid, "recipe.yaml")
         except Exception as err:
             raise TrackingError(f"run {rid} has no recipe.yaml artifact "
-                                f"({_one_line(err, 120)})") from err
+                                f"({one_line(err, 120)})") from err
     recipe = Recipe.from_yaml_text(text, source=f"run {rid}: recipe.yaml")
     tags, metrics = run.data.tags, run.data.metrics
     trial = tags.get(TRIAL)
@@ -710,7 +704,7 @@ def load_study_config(tracking_uri: str | None, run_id: str) -> dict[str, Any]:
             text = _read_artifact(client, parent, "config.yaml")
         except Exception as err:
             raise TrackingError(f"run {parent} (the study run of {run_id}) has no config.yaml "
-                                f"artifact ({_one_line(err, 120)})") from err
+                                f"artifact ({one_line(err, 120)})") from err
     try:
         config = yaml.safe_load(text)
     except yaml.YAMLError as err:

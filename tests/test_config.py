@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from vlmexp.cli import main
+from vlmexp.config import compose
 from vlmexp.errors import ConfigError
-from vlmexp.search.config import compose
 
 
 def test_default_composition_is_the_demo_study():

@@ -22,9 +22,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from vlmexp.errors import ConfigError
+from vlmexp.errors import ConfigError, one_line
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = PROJECT_ROOT / "conf"
 
 
@@ -132,7 +132,7 @@ def compose(overrides: list[str] | None = None, *, config_dir: str | Path | None
         with initialize_config_dir(config_dir=str(conf.resolve()), version_base=None):
             raw = hydra_compose(config_name=config_name, overrides=list(overrides or []))
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(_one_line(err)) from None
+        raise ConfigError(_omegaconf_line(err)) from None
     finally:
         GlobalHydra.instance().clear()
     return validate(raw)
@@ -147,7 +147,7 @@ def validate(raw: Any) -> DictConfig:
         cfg = OmegaConf.merge(schema, raw)
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as err:
-        raise ConfigError(_one_line(err)) from None
+        raise ConfigError(_omegaconf_line(err)) from None
     _check_choices(cfg)
     return cfg
 
@@ -175,8 +175,8 @@ def _check_choices(cfg: DictConfig) -> None:
             raise ConfigError(f"search.pruning.rungs: {r} is not a fraction in (0, 1)")
 
 
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
+def _omegaconf_line(err: BaseException) -> str:
+    text = one_line(err)
     # OmegaConf appends "full_key: KEY reference_type=... object_type=..."; lead with the key
     if " full_key:" in text:
         message, trailer = text.split(" full_key:", 1)
