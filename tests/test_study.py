@@ -127,26 +127,3 @@ def test_two_objectives_make_a_pareto_study(tmp_path, models, monkeypatch):
     parent = [r for r in client.search_runs([exp.experiment_id])
               if r.data.tags.get("vlmexp.role") == "study"][0]
     assert parent.data.metrics["pareto.size"] == len(front)
-
-
-def test_paired_sign_test_and_history():
-    from types import SimpleNamespace
-
-    from vlmexp.search.study import History, paired_p_value
-
-    assert paired_p_value(0, 0) == 1.0
-    assert paired_p_value(5, 0) == pytest.approx(1 / 32)
-    assert paired_p_value(8, 1) == pytest.approx(10 / 512)
-    assert paired_p_value(0, 5) == 1.0
-    assert paired_p_value(3, 3) == pytest.approx(42 / 64)
-    history = History()
-    items = {"t": [{"index": 4, "correct": True}, {"index": 9, "correct": False}]}
-    worse = SimpleNamespace(state="COMPLETE", values={"c": 0.4}, items=items, intermediate=[])
-    better = SimpleNamespace(state="COMPLETE", values={"c": 0.6},
-                             items={"t": [{"index": 4, "correct": False}]}, intermediate=[])
-    pruned = SimpleNamespace(state="PRUNED", values={}, items=items, intermediate=[])
-    history.add(worse, ["c"])
-    assert history.best_items == {("t", 4): True, ("t", 9): False}
-    history.add(better, ["c"])
-    history.add(pruned, ["c"])
-    assert history.best_value == 0.6 and history.best_items == {("t", 4): False}

@@ -117,10 +117,12 @@ def open_model(
 
 
 def load_processor(path: str | os.PathLike) -> Any | None:
-    """Load the folder's AutoProcessor, else its AutoTokenizer; None when it has neither's files.
+    """The processor every command uses for a checkpoint; None when it has no processor files.
 
-    A processor that cannot be built (Qwen-VL and SmolVLM processors need torchvision for their
-    video part) falls back to the tokenizer.
+    The checkpoint's own class (AutoProcessor) wherever it constructs. Where it cannot be built
+    here (Qwen2-VL / Qwen2.5-VL processors need torchvision for their video part), an image-only
+    equivalent that makes the same inputs (`vlmexp.processors.QwenVLImageProcessor`); failing
+    both, the bare tokenizer (text-only models).
 
     Example:
         >>> load_processor("models/base")                       # doctest: +SKIP
@@ -129,18 +131,38 @@ def load_processor(path: str | os.PathLike) -> Any | None:
     from transformers import AutoProcessor, AutoTokenizer
 
     folder = Path(path)
+    source = folder if folder.is_dir() else os.fspath(path)
     if folder.is_dir() and not any((folder / f).exists() for f in _PROCESSOR_FILES):
         return None
     try:
-        return AutoProcessor.from_pretrained(folder if folder.is_dir() else os.fspath(path))
+        return AutoProcessor.from_pretrained(source)
     except Exception as processor_err:  # any failure: try the tokenizer alone
         try:
-            return AutoTokenizer.from_pretrained(folder if folder.is_dir() else os.fspath(path))
+            tokenizer = AutoTokenizer.from_pretrained(source)
         except Exception as err:
             raise CheckpointError(
                 f"{path}: cannot load processor ({one_line(processor_err)}) "
                 f"or tokenizer ({one_line(err)})"
             ) from err
+    return _image_only_processor(folder, tokenizer) or tokenizer
+
+
+def _image_only_processor(folder: Path, tokenizer: Any) -> Any | None:
+    """The image-only stand-in for a Qwen-VL processor class that cannot be built, else None."""
+    config = folder / "preprocessor_config.json"
+    if not config.is_file():
+        return None
+    try:
+        kind = json.loads(config.read_text()).get("image_processor_type", "")
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{config}: not valid JSON ({one_line(err)})") from err
+    if not str(kind).startswith("Qwen2VLImageProcessor"):
+        return None
+    from transformers import Qwen2VLImageProcessorPil
+
+    from vlmexp.processors import QwenVLImageProcessor
+
+    return QwenVLImageProcessor(Qwen2VLImageProcessorPil.from_pretrained(folder), tokenizer)
 
 
 def save_model(

@@ -47,7 +47,7 @@ class MergeConfig:
     parameters: dict[str, Any] = field(default_factory=dict)  # fixed method-level parameters
     dtype: str = "float32"
     seed: int = 0
-    vocab: str = "error"  # error | common_rows
+    vocab: str = "error"  # one of vlmexp.layout.VOCAB_POLICIES
 
 
 @dataclass
@@ -67,7 +67,7 @@ class SpaceConfig:
 class PruningConfig:
     enabled: bool = True
     rungs: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5])  # fractions evaluated first
-    pruner: str = "percentile"  # percentile | median | halving | paired (one objective)
+    pruner: str = "percentile"  # a key of vlmexp.search.pruning.PRUNERS
     percentile: float = 65.0  # percentile pruner: stop a trial below this percentile at a rung
     p_threshold: float = 0.1  # paired pruner: stop when a sign test against the best gives p below
     startup_trials: int = 6  # complete trials before anything is pruned
@@ -76,7 +76,7 @@ class PruningConfig:
 
 @dataclass
 class StudyConfig:
-    sampler: str = "tpe"  # tpe | cmaes | gp | nsga2 | random
+    sampler: str = "tpe"  # a key of vlmexp.search.samplers.SAMPLERS
     n_trials: int = 40  # trials in the study in all (a resumed study runs up to this count)
     timeout: float | None = None  # seconds; no new trial starts after it
     objectives: list[str] = field(default_factory=lambda: ["combined"])  # all maximised
@@ -153,11 +153,15 @@ def validate(raw: Any) -> DictConfig:
 
 
 def _check_choices(cfg: DictConfig) -> None:
+    # each choice list lives with the code that acts on it
+    from vlmexp.layout import VOCAB_POLICIES
+    from vlmexp.search.pruning import PRUNERS
+    from vlmexp.search.samplers import SAMPLERS
+
     choices = {
-        "search.sampler": (cfg.search.sampler, ("tpe", "cmaes", "gp", "nsga2", "random")),
-        "search.pruning.pruner": (cfg.search.pruning.pruner, ("percentile", "median", "halving",
-                                                                "paired")),
-        "merge.vocab": (cfg.merge.vocab, ("error", "common_rows")),
+        "search.sampler": (cfg.search.sampler, tuple(SAMPLERS)),
+        "search.pruning.pruner": (cfg.search.pruning.pruner, tuple(PRUNERS)),
+        "merge.vocab": (cfg.merge.vocab, VOCAB_POLICIES),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

@@ -42,6 +42,9 @@ from torch import nn
 from vlmexp.errors import AlignmentError, LayoutError
 
 COMPONENTS: tuple[str, ...] = ("vision", "projector", "language", "embed", "head", "other")
+# Vocabulary-size policies of `align` (and of recipes, `merge.vocab`, `inspect --vocab`):
+# "error" refuses donors whose vocabulary differs; "common_rows" merges the common leading rows.
+VOCAB_POLICIES: tuple[str, ...] = ("error", "common_rows")
 
 # Tie-breakers only: used when the vision width equals the text width, so width can't decide.
 _PROJECTOR_NAMES = ("merger", "projector", "connector", "projection", "aligner", "adapter")
@@ -489,8 +492,8 @@ def align(base: nn.Module, donor: nn.Module, *, vocab: str = "error") -> Alignme
         >>> a.kind, a.mapping["model.language_model.norm.weight"]
         ('llm_to_vlm', 'model.norm.weight')
     """
-    if vocab not in ("error", "common_rows"):
-        raise AlignmentError(f"vocab must be 'error' or 'common_rows', not {vocab!r}")
+    if vocab not in VOCAB_POLICIES:
+        raise AlignmentError(f"vocab must be one of {', '.join(VOCAB_POLICIES)}, not {vocab!r}")
     bl, dl = discover(base), discover(donor)
     same = bl.architecture == dl.architecture
     names = f"base {bl.architecture} and donor {dl.architecture}"

@@ -28,9 +28,6 @@ if TYPE_CHECKING:
 
     from vlmexp.eval.evaluator import EvalResult, Evaluator
 
-TINY_PREFIX = "tiny:"
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "evaluate", help="score a model on evaluation tasks and objectives",
@@ -52,16 +49,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def load_model(spec: str, device: str = "cpu") -> tuple[torch.nn.Module, Any]:
-    """The model and processor named by `spec` (`tiny:NAME` or a checkpoint folder)."""
-    if spec.startswith(TINY_PREFIX):
-        from vlmexp.zoo.tiny import build
-        from vlmexp.zoo.tiny_processors import BUILDERS, build_processor
+    """The model and processor named by `spec` (`tiny:NAME`, a recipe YAML or a checkpoint)."""
+    from vlmexp.zoo import is_tiny, open_tiny
 
-        name = spec[len(TINY_PREFIX):]
-        if name not in BUILDERS:
-            raise CheckpointError(f"unknown tiny VLM {spec!r}; known: "
-                                  + ", ".join(TINY_PREFIX + n for n in BUILDERS))
-        return build(name).to(device), build_processor(name)
+    if is_tiny(spec):
+        model, processor = open_tiny(spec)
+        return model.to(device), processor
     if spec.endswith((".yaml", ".yml")) and Path(spec).is_file():
         return merged_model(spec, device)
     from vlmexp.checkpoint import open_model
@@ -69,7 +62,7 @@ def load_model(spec: str, device: str = "cpu") -> tuple[torch.nn.Module, Any]:
     loaded = open_model(spec, device=device)
     if loaded.processor is None:
         raise CheckpointError(f"{spec}: no processor or tokenizer files to evaluate with")
-    return loaded.model, complete_processor(loaded.processor, spec)
+    return loaded.model, loaded.processor
 
 
 def merged_model(recipe_path: str, device: str = "cpu") -> tuple[torch.nn.Module, Any]:
@@ -87,27 +80,7 @@ def merged_model(recipe_path: str, device: str = "cpu") -> tuple[torch.nn.Module
     if engine.processor is None:
         raise CheckpointError(f"{recipe.base.path}: no processor or tokenizer files to evaluate "
                               f"with")
-    return engine.model, complete_processor(engine.processor, recipe.base.path)
-
-
-def complete_processor(processor: Any, folder: str | os.PathLike) -> Any:
-    """Pair a bare tokenizer with the folder's Qwen-VL image processor (no torchvision needed).
-
-    `load_processor` falls back to the tokenizer when AutoProcessor needs torchvision (Qwen-VL).
-    """
-    if hasattr(processor, "image_processor"):
-        return processor
-    cfg_file = Path(folder) / "preprocessor_config.json"
-    if not cfg_file.is_file():
-        return processor
-    kind = json.loads(cfg_file.read_text()).get("image_processor_type", "")
-    if not kind.startswith("Qwen2VLImageProcessor"):
-        return processor
-    from transformers import Qwen2VLImageProcessorPil
-
-    from vlmexp.zoo.tiny_processors import TinyQwenVLProcessor
-
-    return TinyQwenVLProcessor(Qwen2VLImageProcessorPil.from_pretrained(folder), processor)
+    return engine.model, engine.processor
 
 
 def build_evaluator(args: argparse.Namespace, processor: Any) -> Evaluator:

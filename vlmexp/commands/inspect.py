@@ -13,15 +13,10 @@ import argparse
 import json
 from typing import TYPE_CHECKING, Any
 
-from vlmexp.errors import CheckpointError
-
 if TYPE_CHECKING:
     import torch
 
     from vlmexp.layout import Alignment, Layout
-
-TINY_PREFIX = "tiny:"
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -30,22 +25,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="MODEL", help="model folder or tiny:NAME")
     p.add_argument("other", metavar="OTHER", nargs="?",
                    help="a second model (donor): report whether and how it aligns with MODEL")
-    p.add_argument("--vocab", choices=("error", "common_rows"), default="error",
-                   help="when vocabulary sizes differ: refuse (default) or share the common rows")
+    p.add_argument("--vocab", default="error",
+                   help="when vocabulary sizes differ: error (refuse, the default) or "
+                        "common_rows (share the common rows); see vlmexp.layout.VOCAB_POLICIES")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(run=run)
 
 
 def load(spec: str) -> torch.nn.Module:
     """The model named by `spec`: `tiny:NAME` builds a tiny random one, else a folder is opened."""
-    if spec.startswith(TINY_PREFIX):
-        from vlmexp.zoo.tiny import BUILDERS, build
+    from vlmexp.zoo import is_tiny, open_tiny
 
-        name = spec[len(TINY_PREFIX):]
-        if name not in BUILDERS:
-            raise CheckpointError(f"unknown tiny model {spec!r}; known: "
-                                  + ", ".join(TINY_PREFIX + n for n in BUILDERS))
-        return build(name)
+    if is_tiny(spec):
+        return open_tiny(spec, with_processor=False)[0]
     from vlmexp.checkpoint import open_model
 
     return open_model(spec, load_processor=False).model

@@ -255,14 +255,38 @@ class Evaluator:
             if bar is not None:
                 bar.close()
         result.seconds["total"] = time.perf_counter() - t_all
+        result.objectives = self.objective_values(
+            {t: m[self.tasks[t].primary_metric] for t, m in result.metrics.items()})
+        return result
+
+    def objective_values(self, primary: Mapping[str, float]) -> dict[str, float]:
+        """Each objective from task name → primary metric: the weighted mean of its tasks.
+
+        Tasks missing from `primary` are left out (weights renormalized); an objective with
+        none of its tasks is left out. The one place objectives are computed.
+        """
+        values: dict[str, float] = {}
         for obj, weights in self.objectives.items():
-            present = {t: w for t, w in weights.items() if t in result.metrics}
+            present = {t: w for t, w in weights.items() if t in primary}
             total = sum(present.values())
             if present and total > 0:
-                result.objectives[obj] = sum(
-                    w * result.metrics[t][self.tasks[t].primary_metric] for t, w in present.items()
-                ) / total
-        return result
+                values[obj] = sum(w * primary[t] for t, w in present.items()) / total
+        return values
+
+    def joined(self, parts: Sequence[EvalResult]) -> tuple[dict[str, float], dict[str, float]]:
+        """Objective values and primary task metrics (`TASK.METRIC`) over the items of several
+        evaluations of one model taken together (a trial's rungs so far).
+
+        Example:
+            >>> values, metrics = evaluator.joined([rung0, rung1])  # doctest: +SKIP
+        """
+        correct: dict[str, list[bool]] = {}
+        for part in parts:
+            for task, items in part.items.items():
+                correct.setdefault(task, []).extend(bool(i.correct) for i in items)
+        primary = {t: sum(flags) / len(flags) for t, flags in correct.items()}
+        metrics = {f"{t}.{self.tasks[t].primary_metric}": v for t, v in primary.items()}
+        return self.objective_values(primary), metrics
 
     def _lm_tasks(self, model: torch.nn.Module, names: list[str], slices: dict[str, list[int]],
                   result: EvalResult, bar: Any) -> None:

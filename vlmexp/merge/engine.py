@@ -127,15 +127,12 @@ class MergeEngine:
         loaded = _as_loaded(base, self.device)
         self.model: torch.nn.Module = loaded.model.to(self.device)
         self.processor = getattr(loaded, "processor", None)
-        self.base_path: str | None = getattr(loaded, "path", None)
         self.layout: Layout = discover(self.model)
         self._params: dict[str, torch.nn.Parameter] = dict(self.model.named_parameters())
         self._base: dict[str, torch.Tensor] = {
             name: self._params[name].detach().clone() for name in self.layout.params
         }
         self.task_vectors: dict[str, dict[str, torch.Tensor]] = {}
-        self.alignments: dict[str, Alignment] = {}
-        self.donor_paths: dict[str, str | None] = {}
         self._input_digests: dict[str, str] = {}
         self._dirty: set[str] = set()
         self.masks = _MaskCache(mask_cache_bytes)
@@ -188,8 +185,6 @@ class MergeEngine:
                     self.math_dtype)
             vectors[base_name] = tv
         self.task_vectors[name] = vectors
-        self.alignments[name] = alignment
-        self.donor_paths[name] = getattr(loaded, "path", None)
         from vlmexp.checkpoint import weights_sha256
 
         self._input_digests[name] = weights_sha256(donor_model)
@@ -439,11 +434,10 @@ class _Loaded:
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.processor = None
-        self.path = None
 
 
 def _as_loaded(obj: Any, device: str) -> Any:
-    """An nn.Module, a LoadedModel, a ModelRef or a folder → something with .model/.processor/.path."""
+    """An nn.Module, a LoadedModel, a ModelRef or a folder → something with .model/.processor."""
     if isinstance(obj, torch.nn.Module):
         return _Loaded(obj)
     if hasattr(obj, "model"):

@@ -33,11 +33,10 @@ from typing import Any
 import yaml
 
 from vlmexp.errors import RecipeError
-from vlmexp.layout import COMPONENTS
+from vlmexp.layout import COMPONENTS, VOCAB_POLICIES
 
 FORMAT_VERSION = 1
 DTYPES = ("float32", "float64", "bfloat16", "float16")
-VOCAB_POLICIES = ("error", "common_rows")
 MAPS = ("auto", "same", "llm_to_vlm")
 _TOP_KEYS = {"vlmexp_recipe", "method", "base", "donors", "parameters", "components", "take",
              "dtype", "seed", "vocab"}

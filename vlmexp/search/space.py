@@ -29,6 +29,8 @@ from vlmexp.errors import ConfigError, RecipeError
 from vlmexp.layout import COMPONENTS
 from vlmexp.merge.recipe import ModelRef, Recipe
 
+Slot = tuple[str | None, str | None, str, int | None]  # (component, donor, parameter, knot)
+
 
 def _is_range(value: Any) -> bool:
     return (isinstance(value, (list, tuple)) and len(value) == 2
@@ -67,10 +69,12 @@ class SearchSpace:
         self.vocab = str(merge.get("vocab", "error"))
         self.base = base
         self.donors = list(donors)
+        self._check_components()
+        self.param_names = self._param_names()
         self._check()
 
     # ------------------------------------------------------------------ checks
-    def _check(self) -> None:
+    def _check_components(self) -> None:
         names = {d.name for d in self.donors}
         for comp, per_donor in self.components.items():
             if comp not in COMPONENTS:
@@ -80,6 +84,8 @@ class SearchSpace:
                 if donor not in names:
                     raise ConfigError(f"space.components.{comp}.{donor}: unknown donor "
                                       f"(models.donors: {', '.join(sorted(names))})")
+
+    def _check(self) -> None:
         takes = {p.name for m in self.methods for p in self._method_spec(m).donor_params}
         method_takes = {p.name for m in self.methods for p in self._method_spec(m).method_params}
         for comp, per_donor in self.components.items():
@@ -153,35 +159,44 @@ class SearchSpace:
             raise ConfigError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
         return METHODS[method]
 
-    def _searched(self, method: str) -> list[tuple[str, Any]]:
-        """(optuna name, range or choice list) for every searched parameter of `method`."""
-        spec = self._method_spec(method)
-        donor_keys = {p.name for p in spec.donor_params}
-        method_keys = {p.name for p in spec.method_params}
-        out: list[tuple[str, Any]] = []
+    def _param_names(self) -> dict[Slot, str]:
+        """The one table of Optuna parameter names: (component, donor, parameter, knot) → name.
+
+        Method-level parameters have component and donor None; `knot` is None except in a
+        depth schedule. Tied components (and, with `shared`, all components) map to one name.
+        """
+        names: dict[Slot, str] = {}
         for key, value in self.method_space.items():
-            if key in method_keys and (_is_range(value) or _is_choice(value)):
-                out.append((f"parameters.{key}", value))
-        seen: set[str] = set()
+            if _is_range(value) or _is_choice(value):
+                names[(None, None, key, None)] = f"parameters.{key}"
         for comp in self._merged_components():
             for donor, params in self.components[comp].items():
                 for key, value in params.items():
-                    if key not in donor_keys or not (_is_range(value) or _is_choice(value)):
+                    if not (_is_range(value) or _is_choice(value)):
                         continue
                     if self.shared:
-                        name = f"{donor}.{key}"
-                        if name not in seen:
-                            seen.add(name)
-                            out.append((name, value))
+                        names[(comp, donor, key, None)] = f"{donor}.{key}"
                     elif comp in self.knots and _is_range(value):
-                        out += [(f"{comp}.{donor}.{key}.{k}", value)
-                                for k in range(self.knots[comp])]
+                        for k in range(self.knots[comp]):
+                            names[(comp, donor, key, k)] = f"{comp}.{donor}.{key}.{k}"
                     else:
-                        name = f"{self._label.get(comp, comp)}.{donor}.{key}"
-                        if name not in seen:
-                            seen.add(name)
-                            out.append((name, value))
-        return out
+                        names[(comp, donor, key, None)] = (f"{self._label.get(comp, comp)}."
+                                                           f"{donor}.{key}")
+        return names
+
+    def _searched(self, method: str) -> list[tuple[str, Any]]:
+        """(optuna name, range or choice list) for every searched parameter of `method`."""
+        spec = self._method_spec(method)
+        keys = {p.name for p in spec.method_params}, {p.name for p in spec.donor_params}
+        out: dict[str, Any] = {}
+        for (comp, donor, key, _), name in self.param_names.items():
+            if key in keys[comp is not None] and name not in out:
+                out[name] = (self.method_space[key] if comp is None
+                             else self.components[comp][donor][key])
+        return list(out.items())
+
+    def _slots(self, name: str) -> list[Slot]:
+        return [slot for slot, n in self.param_names.items() if n == name]
 
     def _merged_components(self) -> list[str]:
         return [c for c in self.components if c not in self.pin and c not in self.take]
@@ -208,11 +223,11 @@ class SearchSpace:
         donor_keys = {p.name for p in spec.donor_params}
         method_keys = {p.name for p in spec.method_params}
         parameters = {k: v for k, v in self.fixed_parameters.items() if k in method_keys}
+        names = self.param_names
         for key, value in self.method_space.items():
-            if key not in method_keys:
-                continue
-            searched = _is_range(value) or _is_choice(value)
-            parameters[key] = params[f"parameters.{key}"] if searched else value
+            if key in method_keys:
+                name = names.get((None, None, key, None))
+                parameters[key] = value if name is None else params[name]
         components: dict[str, dict[str, dict[str, Any]]] = {}
         for comp in self._merged_components():
             for donor, space_params in self.components[comp].items():
@@ -220,16 +235,14 @@ class SearchSpace:
                 for key, value in space_params.items():
                     if key not in donor_keys:
                         continue
-                    if not (_is_range(value) or _is_choice(value)):
-                        values[key] = value
-                    elif self.shared:
-                        values[key] = params[f"{donor}.{key}"]
-                    elif comp in self.knots and _is_range(value):
-                        knots = [params[f"{comp}.{donor}.{key}.{k}"]
+                    if (comp, donor, key, 0) in names:  # a depth schedule
+                        knots = [params[names[(comp, donor, key, k)]]
                                  for k in range(self.knots[comp])]
                         values[key] = knots if len(knots) > 1 else knots[0]
+                    elif (comp, donor, key, None) in names:
+                        values[key] = params[names[(comp, donor, key, None)]]
                     else:
-                        values[key] = params[f"{self._label.get(comp, comp)}.{donor}.{key}"]
+                        values[key] = value
                 components.setdefault(comp, {})[donor] = values
         return Recipe.from_dict({
             "vlmexp_recipe": 1, "method": method,
@@ -245,30 +258,18 @@ class SearchSpace:
             return None
         params: dict[str, Any] = {"method": recipe.method} if len(self.methods) > 1 else {}
         for name, value in self._searched(recipe.method):
-            parts = name.split(".")
-            if parts[0] == "parameters":
-                got = recipe.parameters.get(parts[1])
-            elif self.shared:
-                donor, key = parts
-                found = {json_key(recipe.components.get(c, {}).get(donor, {}).get(key))
-                         for c in self._merged_components() if donor in self.components[c]}
-                got = recipe.components.get(self._first_with(donor), {}).get(donor, {}).get(key)
-                if len(found) != 1:
-                    return None
-            else:
-                comp, donor, key = parts[:3]
-                if "+" in comp:  # a tied group: every member must hold the same value
-                    members = [c for c in comp.split("+") if c in self._merged_components()
-                               and donor in self.components[c]]
-                    found = {json_key(recipe.components.get(c, {}).get(donor, {}).get(key))
-                             for c in members}
-                    if len(found) != 1:
-                        return None
-                    comp = members[0]
-                got = recipe.components.get(comp, {}).get(donor, {}).get(key)
-                if len(parts) == 4 and isinstance(got, list):
-                    got = got[int(parts[3])] if len(got) == self.knots[comp] else None
-            if got is None:
+            found: set[str] = set()
+            got = None
+            for comp, donor, key, knot in self._slots(name):
+                if comp is None:
+                    v = recipe.parameters.get(key)
+                else:
+                    v = recipe.components.get(comp, {}).get(donor, {}).get(key)
+                    if knot is not None and isinstance(v, list):
+                        v = v[knot] if len(v) == self.knots[comp] else None
+                found.add(json_key(v))
+                got = v if got is None else got
+            if len(found) != 1 or got is None:  # tied slots must hold one value
                 return None
             if _is_range(value) and not float(value[0]) <= float(got) <= float(value[1]):
                 return None
@@ -277,9 +278,6 @@ class SearchSpace:
             params[name] = got
         rebuilt = self.recipe_from_params(params)
         return params if _normalized(rebuilt) == _normalized(recipe) else None
-
-    def _first_with(self, donor: str) -> str:
-        return next(c for c in self._merged_components() if donor in self.components[c])
 
     # ------------------------------------------------------------------ baselines
     def baselines(self) -> list[tuple[str, Recipe]]:

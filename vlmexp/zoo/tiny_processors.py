@@ -2,7 +2,7 @@
 
 Each is the architecture's own processor class where it builds without torchvision (LLaVA,
 LLaVA-NeXT, Idefics3, PaliGemma, Gemma 3) around a locally trained `tokenizers` BPE; Qwen2-VL and
-Qwen2.5-VL get `TinyQwenVLProcessor`, which pairs the PIL `Qwen2VLImageProcessorPil` with the
+Qwen2.5-VL get `vlmexp.processors.QwenVLImageProcessor`, which pairs the PIL `Qwen2VLImageProcessorPil` with the
 tokenizer and expands `<|image_pad|>` by hand (their processor class needs torchvision).
 
 The BPE has no byte alphabet (a `Metaspace` pre-tokenizer, like SentencePiece), so short answer
@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from vlmexp.processors import QwenVLImageProcessor
 from vlmexp.zoo import tiny
 
 _SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3: pad, bos, eos, unk as in the tiny configs
@@ -121,51 +122,6 @@ def llava_next() -> Any:
     )
 
 
-class TinyQwenVLProcessor:
-    """Qwen2-VL / Qwen2.5-VL processor without torchvision: PIL image processor + tokenizer.
-
-    Expands each `<|image_pad|>` in the text to prod(image_grid_thw) // merge_size**2 copies and
-    returns `mm_token_type_ids` (1 on image tokens), as the real processor does.
-    """
-
-    chat_template = None
-
-    def __init__(self, image_processor: Any, tokenizer: Any) -> None:
-        self.image_processor = image_processor
-        self.tokenizer = tokenizer
-        self.image_token = "<|image_pad|>"
-        self.vision_start_token = "<|vision_start|>"
-        self.vision_end_token = "<|vision_end|>"
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-
-    def __call__(self, images: Any = None, text: str | list[str] | None = None,
-                 return_tensors: str | None = "pt", **kwargs: Any) -> Any:
-        from transformers import BatchFeature
-
-        texts = [text] if isinstance(text, str) else list(text or [])
-        data: dict[str, Any] = {}
-        if images is not None:
-            data.update(self.image_processor(images=images, return_tensors="pt"))
-            merge = self.image_processor.merge_size**2
-            counts = iter([int(g.prod()) // merge for g in data["image_grid_thw"]])
-            placeholder = "\0"
-            out = []
-            for t in texts:
-                while self.image_token in t:
-                    t = t.replace(self.image_token, placeholder * next(counts), 1)
-                out.append(t.replace(placeholder, self.image_token))
-            texts = out
-        enc = self.tokenizer(texts, padding=True, **kwargs)
-        ids = np.asarray(enc["input_ids"])
-        data.update(enc)
-        data["mm_token_type_ids"] = (ids == self.image_token_id).astype(np.int64)
-        return BatchFeature(data=data, tensor_type=return_tensors)
-
-    def save_pretrained(self, path: str) -> None:
-        self.tokenizer.save_pretrained(path)
-        self.image_processor.save_pretrained(path)
-
-
 def qwen2_vl() -> Any:
     from transformers import Qwen2VLImageProcessorPil
 
@@ -178,7 +134,7 @@ def qwen2_vl() -> Any:
         patch_size=8, merge_size=2, temporal_patch_size=2,
         size={"shortest_edge": 32 * 32, "longest_edge": 32 * 32},
     )
-    return TinyQwenVLProcessor(images, tok)
+    return QwenVLImageProcessor(images, tok)
 
 
 def idefics3() -> Any:

@@ -1,0 +1,61 @@
+"""Processors that stand in for a checkpoint's own class where that class cannot be built.
+
+Qwen2-VL / Qwen2.5-VL processors need torchvision (for their video processor) to construct;
+`QwenVLImageProcessor` makes the same image inputs from the checkpoint's PIL image processor and
+tokenizer: `input_ids` with each `<|image_pad|>` expanded to prod(image_grid_thw) // merge²
+copies, `pixel_values`, `image_grid_thw` and `mm_token_type_ids` (1 on image tokens).
+`vlmexp.checkpoint.load_processor` is the one place that chooses between the two.
+
+Example:
+    >>> proc = QwenVLImageProcessor(image_processor, tokenizer)  # doctest: +SKIP
+    >>> proc(images=[img], text=["<|vision_start|><|image_pad|><|vision_end|>Hi"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+class QwenVLImageProcessor:
+    """Qwen2-VL / Qwen2.5-VL image + text processor without torchvision (see the module doc)."""
+
+    def __init__(self, image_processor: Any, tokenizer: Any) -> None:
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.chat_template = getattr(tokenizer, "chat_template", None)
+        self.image_token = "<|image_pad|>"
+        self.vision_start_token = "<|vision_start|>"
+        self.vision_end_token = "<|vision_end|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+
+    def __call__(self, images: Any = None, text: str | list[str] | None = None,
+                 return_tensors: str | None = "pt", **kwargs: Any) -> Any:
+        from transformers import BatchFeature
+
+        texts = [text] if isinstance(text, str) else list(text or [])
+        data: dict[str, Any] = {}
+        if images is not None:
+            data.update(self.image_processor(images=images, return_tensors="pt"))
+            merge = self.image_processor.merge_size**2
+            counts = iter([int(g.prod()) // merge for g in data["image_grid_thw"]])
+            placeholder = "\0"
+            out = []
+            for t in texts:
+                while self.image_token in t:
+                    t = t.replace(self.image_token, placeholder * next(counts), 1)
+                out.append(t.replace(placeholder, self.image_token))
+            texts = out
+        enc = self.tokenizer(texts, padding=True, **kwargs)
+        ids = np.asarray(enc["input_ids"])
+        data.update(enc)
+        data["mm_token_type_ids"] = (ids == self.image_token_id).astype(np.int64)
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def apply_chat_template(self, messages: Any, **kwargs: Any) -> Any:
+        return self.tokenizer.apply_chat_template(messages, **kwargs)
+
+    def save_pretrained(self, path: str) -> None:
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
