@@ -117,6 +117,18 @@ def test_trials_are_child_runs_with_status_params_metrics_tags_artifacts(store, 
                                          "seconds.total": 0.25}
 
 
+@pytest.mark.parametrize("log_items", [True, False])
+def test_log_items_decides_whether_items_json_is_logged(store, log_items):
+    uri, _ = store
+    name = f"items-{log_items}"
+    tracker = Tracker(tracking_uri=uri, experiment=name, study_name=name, log_items=log_items)
+    tracker.start(CONFIG, objectives=["acc"], directions=["maximize"])
+    run_id = tracker.log_trial(record(0))  # a record with items
+    tracker.close()
+    logged = {a.path for a in MlflowClient(uri).list_artifacts(run_id)}
+    assert logged == ({"recipe.yaml", "items.json"} if log_items else {"recipe.yaml"})
+
+
 def test_resume_reuses_the_parent_run(store):
     uri, _ = store
     first = Tracker(tracking_uri=uri, experiment="resume", study_name="resume")

@@ -217,6 +217,8 @@ class Tracker:
             study, another worker) re-uses the study's parent run.
         artifact_location: where a new experiment keeps artifacts; default `mlruns/` beside a
             SQLite store's file (`default_artifact_location`).
+        log_items: log each trial's per-item results (`TrialRecord.items`) as `items.json`;
+            False leaves them out.
 
     Example:
         >>> with Tracker(tracking_uri="sqlite:///runs/mlflow.db", experiment="demo",
@@ -226,10 +228,11 @@ class Tracker:
     """
 
     def __init__(self, *, tracking_uri: str | None, experiment: str, study_name: str,
-                 artifact_location: str | None = None) -> None:
+                 artifact_location: str | None = None, log_items: bool = True) -> None:
         self.tracking_uri = tracking_uri or DEFAULT_URI
         self.experiment = experiment
         self.study_name = study_name
+        self.log_items = log_items
         self.parent_run_id: str | None = None
         self.objectives: list[str] = []
         self.directions: list[str] = []
@@ -333,6 +336,9 @@ class Tracker:
     def log_trial(self, record: TrialRecord) -> str:
         """Log one trial as a child run of the study's run (status from its state).
 
+        The run gets `recipe.yaml` when the record has a recipe, and `items.json` when it has
+        items and the tracker was made with `log_items=True`.
+
         Returns:
             The child run's id.
         """
@@ -353,7 +359,7 @@ class Tracker:
                 _log_batch(self.client, run_id, params=params, metrics=metrics)
                 if record.recipe is not None:
                     self.client.log_text(run_id, record.recipe.to_yaml(), "recipe.yaml")
-                if record.items is not None:
+                if self.log_items and record.items is not None:
                     self.client.log_text(run_id, json.dumps(_json_safe(record.items)),
                                          "items.json")
                 self.client.set_terminated(run_id, STATUS[state])
