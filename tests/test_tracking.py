@@ -203,6 +203,7 @@ def test_finish_single_objective_logs_best_table_and_plots(store, tmp_path):
     assert best[0]["test"] == {"demo_a_test.acc": 0.65}
     assert best[0]["params"] == study.trials[1].params
     assert best[0]["metrics"] == {"demo_a.acc": 0.7}
+    assert best[0]["weights_digest"] == "isum2:1" and best[0]["baseline"] is None  # from its run
     table = artifact(client, parent, "best.csv", tmp_path).splitlines()
     assert table[0].startswith("trial,run_id,baseline,objective.acc,demo_a.acc,test.demo_a_test.acc")
     assert table[1].startswith(f"1,{runs[1]},,0.7,0.7,0.65")

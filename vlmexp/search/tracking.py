@@ -385,14 +385,12 @@ class Tracker:
         return {**found, **self._runs}
 
     # ------------------------------------------------------------------ end of study
-    def finish(self, study: optuna.Study, *, best: Sequence[TrialRecord] | None = None,
+    def finish(self, study: optuna.Study, *,
                test_results: Mapping[int, Mapping[str, float]] | None = None) -> None:
         """Log the best trial (one objective) or Pareto front (several) and the plots.
 
         Args:
-            study: the Optuna study.
-            best: records of the best trial / front members (their recipes and metrics are
-                used); default: `study.best_trial(s)`, read back from their runs.
+            study: the Optuna study; its best trial(s) are read back from their runs.
             test_results: trial number -> metrics on held-out test tasks, added to the table,
                 to those trials' runs and (one objective) to the parent as `test.<metric>`.
         """
@@ -409,16 +407,11 @@ class Tracker:
             trials = study.get_trials(deepcopy=False)
             complete = [t for t in trials
                         if t.state == optuna.trial.TrialState.COMPLETE and t.values]
-            records = {r.number: r for r in best or ()}
-            if best is not None:
-                chosen = [r.number for r in best]
-            elif multi:
-                chosen = sorted(t.number for t in study.best_trials)
+            if multi:
+                best = sorted(study.best_trials, key=lambda t: t.number)
             else:
-                chosen = [study.best_trial.number] if complete else []
-            by_number = {t.number: t for t in trials}
-            rows = [self._row(n, by_number.get(n), records.get(n), runs, names, test_results)
-                    for n in chosen]
+                best = [study.best_trial] if complete else []
+            rows = [self._row(t, runs, names, test_results) for t in best]
             table = "pareto_front" if multi else "best"
             self.client.log_text(parent, json.dumps(_json_safe(rows), indent=2), f"{table}.json")
             self.client.log_text(parent, _csv(rows), f"{table}.csv")
@@ -442,7 +435,7 @@ class Tracker:
                 if number in runs:
                     _log_batch(self.client, runs[number],
                                metrics=[_metric(f"test.{k}", v, now) for k, v in values.items()])
-            self._plots(study, trials, complete, names, directions, rows, records)
+            self._plots(study, trials, complete, names, directions, rows)
 
     def _objective_names(self, study: optuna.Study, count: int) -> list[str]:
         if len(self.objectives) == count:
@@ -452,33 +445,27 @@ class Tracker:
             return list(names)
         return ["objective"] if count == 1 else [f"objective_{i}" for i in range(count)]
 
-    def _row(self, number: int, trial: optuna.trial.FrozenTrial | None,
-             record: TrialRecord | None, runs: Mapping[int, str], names: list[str],
+    def _row(self, trial: optuna.trial.FrozenTrial, runs: Mapping[int, str], names: list[str],
              test_results: Mapping[int, Mapping[str, float]] | None) -> dict[str, Any]:
+        """A best / Pareto table row: the trial's values and params, its run's metrics and tags."""
+        number = trial.number
         run_id = runs.get(number)
-        if record is not None:
-            values: dict[str, Any] = dict(record.values)
-            metrics, params = dict(record.metrics), dict(record.params)
-            baseline, digest = record.baseline, record.weights_digest
-        else:
-            values = dict(zip(names, trial.values or [], strict=False)) if trial else {}
-            params = dict(trial.params) if trial else {}
-            metrics, baseline, digest = {}, None, None
-            if run_id:
-                run = self.client.get_run(run_id)
-                metrics = {k: v for k, v in run.data.metrics.items()
-                           if not k.startswith(OWN_METRIC_PREFIXES)}
-                baseline = run.data.tags.get(BASELINE)
-                digest = run.data.tags.get(DIGEST)
-        if trial is not None and not values and trial.values:
-            values = dict(zip(names, trial.values, strict=False))
+        values = dict(zip(names, trial.values or [], strict=False))
+        params = dict(trial.params)
+        metrics: dict[str, float] = {}
+        baseline = digest = None
+        if run_id:
+            run = self.client.get_run(run_id)
+            metrics = {k: v for k, v in run.data.metrics.items()
+                       if not k.startswith(OWN_METRIC_PREFIXES)}
+            baseline = run.data.tags.get(BASELINE)
+            digest = run.data.tags.get(DIGEST)
         test = dict((test_results or {}).get(number) or {}) or None
         return {"trial": number, "run_id": run_id, "baseline": baseline, "values": values,
                 "metrics": metrics, "test": test, "params": params, "weights_digest": digest}
 
     def _plots(self, study: optuna.Study, trials: Sequence[Any], complete: Sequence[Any],
-               names: list[str], directions: list[str], rows: list[dict[str, Any]],
-               records: Mapping[int, TrialRecord]) -> None:
+               names: list[str], directions: list[str], rows: list[dict[str, Any]]) -> None:
         from vlmexp.search import plots
 
         parent = self.parent_run_id
@@ -494,16 +481,14 @@ class Tracker:
                                              labels=[t.number for t in complete]),
                          "plots/pareto_front.png")
         for row in rows[:_MAX_WEIGHT_PLOTS]:
-            record = records.get(row["trial"])
-            recipe = record.recipe if record is not None else None
-            if recipe is None and row["run_id"]:
-                try:
-                    recipe = Recipe.from_yaml_text(read_artifact(self.client, row["run_id"],
-                                                                  "recipe.yaml"))
-                except Exception as err:  # noqa: BLE001 - a missing plot must not end the study
-                    warnings.warn(f"no weights-vs-depth plot for trial {row['trial']}: "
-                                  f"{one_line(err, 300)}", stacklevel=2)
-            if recipe is None:
+            if not row["run_id"]:
+                continue
+            try:
+                recipe = Recipe.from_yaml_text(read_artifact(self.client, row["run_id"],
+                                                              "recipe.yaml"))
+            except Exception as err:  # noqa: BLE001 - a missing plot must not end the study
+                warnings.warn(f"no weights-vs-depth plot for trial {row['trial']}: "
+                              f"{one_line(err, 300)}", stacklevel=2)
                 continue
             fig = plots.weights_vs_depth_figure(
                 recipe, title=f"trial {row['trial']} ({recipe.method}): parameters vs depth")
