@@ -174,7 +174,7 @@ def main() -> int:
                 engine.reset()
             model.save_pretrained(tmp / name, save_original_format=False)
         del d1, d2
-        from vlmexp.commands.export import mergekit_config
+        from vlmexp.merge.export import mergekit_config
 
         recipe = Recipe.from_dict(recipe_dict("task_arithmetic", str(tmp / "base"),
                                               [str(tmp / "d1"), str(tmp / "d2")]))

@@ -1,4 +1,4 @@
-"""MLflow tracking: parent/child runs, statuses, params, metrics, tags, artifacts, plots, find_run."""
+"""MLflow tracking: parent/child runs, statuses, params, metrics, tags, artifacts, plots."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from vlmexp.errors import TrackingError
 from vlmexp.merge.recipe import Recipe
 from vlmexp.search import plots
-from vlmexp.search.tracking import Tracker, TrialRecord, find_run, flatten_config
+from vlmexp.search.tracking import Tracker, TrialRecord, flatten_config
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -109,11 +109,24 @@ def test_trials_are_child_runs_with_status_params_metrics_tags_artifacts(store, 
     assert runs[pruned].data.tags["vlmexp.state"] == "PRUNED"
     assert [(m.step, m.value) for m in client.get_metric_history(pruned, "intermediate.acc")] == [
         (4, 0.1)]
-    assert runs[failed].data.tags["vlmexp.reason"] == "MergeError: merged tensor x has NaN"
+    assert runs[failed].data.tags["vlmexp.reason"] == (
+        "MergeError: merged tensor x has NaN second line")  # one_line joins an error's lines
     assert "vlmexp.recipe_hash" not in runs[failed].data.tags
     assert {a.path for a in client.list_artifacts(failed)} == set()
     assert runs[failed].data.metrics == {"seconds.merge": 0.01, "seconds.eval": 0.2,
                                          "seconds.total": 0.25}
+
+
+@pytest.mark.parametrize("log_items", [True, False])
+def test_log_items_decides_whether_items_json_is_logged(store, log_items):
+    uri, _ = store
+    name = f"items-{log_items}"
+    tracker = Tracker(tracking_uri=uri, experiment=name, study_name=name, log_items=log_items)
+    tracker.start(CONFIG, objectives=["acc"], directions=["maximize"])
+    run_id = tracker.log_trial(record(0))  # a record with items
+    tracker.close()
+    logged = {a.path for a in MlflowClient(uri).list_artifacts(run_id)}
+    assert logged == ({"recipe.yaml", "items.json"} if log_items else {"recipe.yaml"})
 
 
 def test_resume_reuses_the_parent_run(store):
@@ -190,6 +203,7 @@ def test_finish_single_objective_logs_best_table_and_plots(store, tmp_path):
     assert best[0]["test"] == {"demo_a_test.acc": 0.65}
     assert best[0]["params"] == study.trials[1].params
     assert best[0]["metrics"] == {"demo_a.acc": 0.7}
+    assert best[0]["weights_digest"] == "isum2:1" and best[0]["baseline"] is None  # from its run
     table = artifact(client, parent, "best.csv", tmp_path).splitlines()
     assert table[0].startswith("trial,run_id,baseline,objective.acc,demo_a.acc,test.demo_a_test.acc")
     assert table[1].startswith(f"1,{runs[1]},,0.7,0.7,0.65")
@@ -199,9 +213,6 @@ def test_finish_single_objective_logs_best_table_and_plots(store, tmp_path):
     assert run.data.metrics["best.acc"] == 0.7
     assert run.data.metrics["test.demo_a_test.acc"] == 0.65
     assert client.get_run(runs[1]).data.metrics["test.demo_a_test.acc"] == 0.65
-
-    info = find_run(uri, best=True, experiment="single")
-    assert info.run_id == runs[1] and info.values == {"acc": 0.7} and info.trial == 1
 
 
 def test_finish_two_objectives_logs_pareto_front(store, tmp_path):
@@ -225,46 +236,6 @@ def test_finish_two_objectives_logs_pareto_front(store, tmp_path):
     assert tags["vlmexp.pareto_trials"] == "0,1"
     assert tags["vlmexp.pareto_runs"] == f"{runs[0]},{runs[1]}"
     assert "vlmexp.best_run" not in tags
-    with pytest.raises(TrackingError, match="several objectives.*Pareto front runs"):
-        find_run(uri, best=True, experiment="pareto")
-
-
-def test_find_run_by_id_and_best_without_finish(store):
-    uri, _ = store
-    tracker = Tracker(tracking_uri=uri, experiment="lookup", study_name="lookup")
-    tracker.start(CONFIG, objectives=["acc"], directions=["maximize"])
-    a = tracker.log_trial(record(0, value=0.4))
-    tracker.log_trial(record(1, value=0.2))
-    tracker.log_trial(record(2, "PRUNED", value=None))
-    failed = tracker.log_trial(record(3, "FAIL", recipe=None))
-    tracker.close()
-    info = find_run(uri, run_id=a)
-    assert info.run_id == a and info.experiment == "lookup" and info.trial == 0
-    assert info.state == "COMPLETE" and info.recipe == make_recipe()
-    assert info.weights_digest == f"isum2:{0:064x}"
-    assert info.metrics == {"demo_a.acc": 0.4, "demo_a.margin": 0.1}
-    assert info.values == {"acc": 0.4}
-    assert info.parent_run_id == tracker.parent_run_id
-    # no best_run tag (finish never ran): the COMPLETE trial with the best objective
-    assert find_run(uri, best=True, experiment="lookup").run_id == a
-    t2 = Tracker(tracking_uri=uri, experiment="lookup-min", study_name="lookup-min")
-    t2.start(CONFIG, objectives=["acc"], directions=["minimize"])
-    t2.log_trial(record(0, value=0.4))
-    low = t2.log_trial(record(1, value=0.2))
-    t2.close()
-    assert find_run(uri, best=True, experiment="lookup-min").run_id == low
-    assert find_run(uri, best=True).run_id == low  # the most recent vlmexp experiment
-    t3 = Tracker(tracking_uri=uri, experiment="lookup-none", study_name="lookup-none")
-    t3.start(CONFIG, objectives=["acc"], directions=["maximize"])
-    t3.log_trial(record(0, "PRUNED", value=None))
-    with pytest.raises(TrackingError, match="'lookup-none' has no completed trial"):
-        find_run(uri, best=True, experiment="lookup-none")
-    with pytest.raises(TrackingError, match="no recipe.yaml artifact"):
-        find_run(uri, run_id=failed)
-    with pytest.raises(TrackingError, match="no run 'nope'"):
-        find_run(uri, run_id="nope")
-    with pytest.raises(TrackingError, match="unknown experiment 'missing'"):
-        find_run(uri, best=True, experiment="missing")
 
 
 def test_tracking_failures_are_one_line_tracking_errors(tmp_path):
@@ -273,11 +244,6 @@ def test_tracking_failures_are_one_line_tracking_errors(tmp_path):
         Tracker(tracking_uri=f"sqlite:///{tmp_path}/a-file/mlflow.db", experiment="x",
                 study_name="x")
     assert "\n" not in str(err.value) and str(err.value).startswith("MLflow (sqlite:///")
-    with pytest.raises(TrackingError, match="either a run id or best=True"):
-        find_run(None)
-    with pytest.raises(TrackingError, match="no MLflow store at"):
-        find_run(f"sqlite:///{tmp_path}/absent.db", best=True)
-    assert not (tmp_path / "absent.db").exists()
 
 
 def test_log_trial_before_start_and_bad_state(store):

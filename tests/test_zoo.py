@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import filecmp
+import json
 from pathlib import Path
 
 import pytest
 import torch
 import transformers as tf
 
+from vlmexp.checkpoint import folder_weights_sha256
 from vlmexp.zoo import data
 from vlmexp.zoo.build import (
     ZooPaths,
@@ -17,7 +19,6 @@ from vlmexp.zoo.build import (
     build_processor,
     check_tokenizer,
     ensure_zoo,
-    weights_digest,
 )
 
 pytestmark = pytest.mark.slow
@@ -51,8 +52,12 @@ def _acc(zoo: ZooPaths, processor, model, task: str) -> float:
 def test_small_build_is_deterministic(tmp_path: Path) -> None:
     a = ensure_zoo(tmp_path / "a", settings=SMALL, progress=False)
     b = ensure_zoo(tmp_path / "b", settings=SMALL, progress=False)
+    manifest = json.loads((a.root / "zoo.json").read_text())
     for name in ("base", "vqa_expert", "text_expert"):
-        assert weights_digest(getattr(a, name)) == weights_digest(getattr(b, name)), name
+        digest = folder_weights_sha256(getattr(a, name))
+        assert folder_weights_sha256(getattr(b, name)) == digest, name
+        # zoo.json records the digest a recipe pins the model by
+        assert manifest["weights_sha256"][getattr(a, name).name] == digest, name
     assert a.root.name == SMALL.key() and a.root.name != ZooSettings().key()
 
 

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vlmexp.errors import CheckpointError, TrackingError
+from vlmexp.search.mlflow_store import DEFAULT_URI
 
 if TYPE_CHECKING:
     from vlmexp.merge.engine import MergeEngine
-    from vlmexp.search.tracking import RunInfo
+    from vlmexp.search.runs import RunInfo
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="experiment name for --best (default: the most recent vlmexp study)")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
     p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
+                   help=f"MLflow tracking URI (default: {DEFAULT_URI} here)")
     p.add_argument("--evaluate", action="store_true",
                    help="re-run the study's evaluation and compare with the logged values")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
@@ -45,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vlmexp.checkpoint import save_model
     from vlmexp.merge.engine import MergeEngine
-    from vlmexp.search.tracking import find_run
+    from vlmexp.search.runs import find_run
 
     if (args.run_id is None) == (not args.best):
         raise TrackingError("give either a RUN_ID or --best")
@@ -83,7 +84,7 @@ def _evaluate(info: RunInfo, engine: MergeEngine) -> None:
     from vlmexp.config import eval_config
     from vlmexp.errors import EvalError
     from vlmexp.eval import Evaluator
-    from vlmexp.search.tracking import load_study_config
+    from vlmexp.search.runs import load_study_config
 
     config = load_study_config(info.tracking_uri, info.run_id)
     if not isinstance(config.get("eval"), dict):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from vlmexp.search.mlflow_store import DEFAULT_URI
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("search", help="search merge weights with Optuna, tracked in MLflow",
@@ -59,7 +61,7 @@ def summary(cfg, result) -> str:
         for name, vals in rows:
             lines.append("  " + name.ljust(width)
                          + "".join(f"{vals.get(n, float('nan')):10.3f}" for n in names))
-    uri = cfg.tracking.uri or "sqlite:///mlflow.db"
+    uri = cfg.tracking.uri or DEFAULT_URI
     lines.append(f"MLflow: {uri} (experiment {cfg.tracking.experiment or cfg.study_name!r}); "
                  f"browse with: mlflow ui --backend-store-uri {uri}")
     lines.append("rebuild the best: python -m vlmexp reproduce --best --out merged/")

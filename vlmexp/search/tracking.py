@@ -6,7 +6,7 @@ intermediate values (`intermediate.<objective>`, step = items evaluated) as metr
 number, state, recipe hash and weights digest as tags; `recipe.yaml` and `items.json` as
 artifacts. The parent holds the composed config (`config.yaml` and flattened params), the best
 trial or Pareto front (`best.json` / `pareto_front.json` and a CSV twin) and PNG plots.
-`find_run` reads a run back for `python -m vlmexp reproduce`.
+`vlmexp.search.runs` reads runs back (`python -m vlmexp reproduce`).
 
 Every MLflow or I/O failure is raised as a one-line `TrackingError`, so the study loop can catch
 one type and go on.
@@ -27,13 +27,10 @@ import csv
 import io
 import json
 import math
-import os
 import re
-import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,24 +39,39 @@ import yaml
 
 from vlmexp.errors import TrackingError, one_line
 from vlmexp.merge.recipe import Recipe
+from vlmexp.search.mlflow_store import (
+    BASELINE,
+    BEST_RUN,
+    BEST_TRIAL,
+    DEFAULT_URI,
+    DIGEST,
+    DIRECTIONS,
+    EXPERIMENT_KIND,
+    OBJECTIVES,
+    OWN_METRIC_PREFIXES,
+    PARENT,
+    PARETO_RUNS,
+    PARETO_TRIALS,
+    REASON,
+    RECIPE_HASH,
+    ROLE,
+    STATE,
+    STUDY,
+    TRIAL,
+    as_tracking_error,
+    direction,
+    open_client,
+    read_artifact,
+    search_all,
+    sqlite_file,
+)
 
 if TYPE_CHECKING:
     import optuna
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
-DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow's own default: the working directory
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
-
-# tag keys (one place for each)
-ROLE, STUDY, TRIAL, STATE = "vlmexp.role", "vlmexp.study", "vlmexp.trial", "vlmexp.state"
-RECIPE_HASH, DIGEST, BASELINE = "vlmexp.recipe_hash", "vlmexp.weights_digest", "vlmexp.baseline"
-REASON, OBJECTIVES, DIRECTIONS = "vlmexp.reason", "vlmexp.objectives", "vlmexp.directions"
-BEST_TRIAL, BEST_RUN = "vlmexp.best_trial", "vlmexp.best_run"
-PARETO_TRIALS, PARETO_RUNS = "vlmexp.pareto_trials", "vlmexp.pareto_runs"
-EXPERIMENT_KIND = "vlmexp.kind"
-PARENT = "mlflow.parentRunId"
-_RESERVED_PREFIXES = ("objective.", "seconds.", "intermediate.", "test.")
 
 _MAX_KEY, _MAX_PARAM, _MAX_TAG = 250, 6000, 8000  # mlflow.utils.validation limits
 _MAX_PARAMS, _MAX_TAGS, _MAX_METRICS = 100, 100, 800  # per log_batch (1000 entities in all)
@@ -84,42 +96,7 @@ class TrialRecord:
     params: dict[str, Any] = field(default_factory=dict)  # optuna's trial.params
 
 
-@dataclass
-class RunInfo:
-    """A trial run read back from MLflow: what `reproduce` needs and what it compares against."""
-
-    run_id: str
-    experiment: str
-    recipe: Recipe
-    weights_digest: str | None
-    metrics: dict[str, float]         # task metrics (no objective./seconds./intermediate. keys)
-    values: dict[str, float]          # objective name -> value
-    parent_run_id: str | None = None
-    trial: int | None = None
-    state: str | None = None
-    tracking_uri: str = DEFAULT_URI
-
-
 # ---------------------------------------------------------------------------- helpers
-
-
-@contextmanager
-def _tracking(what: str) -> Iterator[None]:
-    """Turn any failure inside into a one-line TrackingError that says what was being done."""
-    try:
-        yield
-    except TrackingError:
-        raise
-    except Exception as err:  # MlflowException, sqlalchemy, OSError, ...: never crash the study
-        raise TrackingError(f"{what}: {one_line(err, 300)}") from err
-
-
-def _client(tracking_uri: str) -> MlflowClient:
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri)
 
 
 def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
@@ -128,13 +105,10 @@ def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
     None (MLflow's own default, `./mlruns/<experiment id>`) for a file in the working directory
     and for other stores; else `<folder of the file>/mlruns/<experiment name>`.
     """
-    prefix = "sqlite:///"
-    if not tracking_uri.startswith(prefix):
+    path = sqlite_file(tracking_uri)
+    if path is None:
         return None
-    path = tracking_uri[len(prefix):]
-    if not path or path == ":memory:":
-        return None
-    folder = Path(path).resolve().parent
+    folder = path.resolve().parent
     if folder == Path.cwd().resolve():
         return None
     return str(folder / "mlruns" / re.sub(r"[^\w.\-]", "_", experiment))
@@ -229,29 +203,6 @@ def _metric(key: str, value: float, timestamp: int, step: int = 0) -> Any:
     return Metric(_key(key), float(value), timestamp, int(step))
 
 
-def _search_all(client: MlflowClient, experiment_ids: list[str], filter_string: str,
-                order_by: list[str] | None = None) -> list[Run]:
-    runs: list[Run] = []
-    token = None
-    while True:
-        page = client.search_runs(experiment_ids, filter_string, max_results=1000,
-                                  order_by=order_by, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def _read_artifact(client: MlflowClient, run_id: str, path: str) -> str:
-    with tempfile.TemporaryDirectory(prefix="vlmexp-artifact-") as tmp:
-        local = client.download_artifacts(run_id, path, tmp)
-        return Path(local).read_text()
-
-
-def _direction(text: str) -> str:
-    return "minimize" if text.lower().startswith("min") else "maximize"
-
-
 # ---------------------------------------------------------------------------- the tracker
 
 
@@ -266,6 +217,8 @@ class Tracker:
             study, another worker) re-uses the study's parent run.
         artifact_location: where a new experiment keeps artifacts; default `mlruns/` beside a
             SQLite store's file (`default_artifact_location`).
+        log_items: log each trial's per-item results (`TrialRecord.items`) as `items.json`;
+            False leaves them out.
 
     Example:
         >>> with Tracker(tracking_uri="sqlite:///runs/mlflow.db", experiment="demo",
@@ -275,16 +228,17 @@ class Tracker:
     """
 
     def __init__(self, *, tracking_uri: str | None, experiment: str, study_name: str,
-                 artifact_location: str | None = None) -> None:
+                 artifact_location: str | None = None, log_items: bool = True) -> None:
         self.tracking_uri = tracking_uri or DEFAULT_URI
         self.experiment = experiment
         self.study_name = study_name
+        self.log_items = log_items
         self.parent_run_id: str | None = None
         self.objectives: list[str] = []
         self.directions: list[str] = []
         self._runs: dict[int, str] = {}  # trial number -> child run id, logged by this process
-        with _tracking(f"MLflow ({self.tracking_uri}): open experiment {experiment!r}"):
-            self.client = _client(self.tracking_uri)
+        with as_tracking_error(f"MLflow ({self.tracking_uri}): open experiment {experiment!r}"):
+            self.client = open_client(self.tracking_uri)
             self.experiment_id = self._experiment(
                 artifact_location or default_artifact_location(self.tracking_uri, experiment))
 
@@ -315,7 +269,7 @@ class Tracker:
         return exp.experiment_id
 
     def _parents(self) -> list[Run]:
-        runs = _search_all(self.client, [self.experiment_id], f"tags.`{ROLE}` = 'study'",
+        runs = search_all(self.client, [self.experiment_id], f"tags.`{ROLE}` = 'study'",
                            order_by=["attributes.start_time ASC"])
         mine = [r for r in runs if r.data.tags.get(STUDY) == self.study_name]
         return sorted(mine, key=lambda r: (r.info.start_time or 0, r.info.run_id))
@@ -335,13 +289,13 @@ class Tracker:
         if len(objectives) != len(directions):
             raise TrackingError(f"{len(objectives)} objectives but {len(directions)} directions")
         self.objectives = list(objectives)
-        self.directions = [_direction(d) for d in directions]
+        self.directions = [direction(d) for d in directions]
         plain = _plain(config)
         params = flatten_config(plain)
         text = yaml.safe_dump(plain, sort_keys=False, default_flow_style=False)
         tags = {ROLE: "study", STUDY: self.study_name, OBJECTIVES: ",".join(self.objectives),
                 DIRECTIONS: ",".join(self.directions)}
-        with _tracking(f"MLflow: start the run of study {self.study_name!r}"):
+        with as_tracking_error(f"MLflow: start the run of study {self.study_name!r}"):
             existing = self._parents()
             if existing:
                 run = existing[0]
@@ -382,6 +336,9 @@ class Tracker:
     def log_trial(self, record: TrialRecord) -> str:
         """Log one trial as a child run of the study's run (status from its state).
 
+        The run gets `recipe.yaml` when the record has a recipe, and `items.json` when it has
+        items and the tracker was made with `log_items=True`.
+
         Returns:
             The child run's id.
         """
@@ -393,7 +350,7 @@ class Tracker:
                                 f"{', '.join(STATUS)}")
         name = f"trial-{record.number:04d}" + (f" ({record.baseline})" if record.baseline else "")
         run_id = None
-        with _tracking(f"MLflow: log trial {record.number}"):
+        with as_tracking_error(f"MLflow: log trial {record.number}"):
             tags, params, metrics = _trial_entries(record, state, self.parent_run_id,
                                                    self.study_name)
             try:
@@ -402,7 +359,7 @@ class Tracker:
                 _log_batch(self.client, run_id, params=params, metrics=metrics)
                 if record.recipe is not None:
                     self.client.log_text(run_id, record.recipe.to_yaml(), "recipe.yaml")
-                if record.items is not None:
+                if self.log_items and record.items is not None:
                     self.client.log_text(run_id, json.dumps(_json_safe(record.items)),
                                          "items.json")
                 self.client.set_terminated(run_id, STATUS[state])
@@ -420,22 +377,20 @@ class Tracker:
         """Trial number -> child run id, for every trial of this study (all workers)."""
         if self.parent_run_id is None:
             return dict(self._runs)
-        with _tracking("MLflow: list the study's trial runs"):
-            runs = _search_all(self.client, [self.experiment_id],
+        with as_tracking_error("MLflow: list the study's trial runs"):
+            runs = search_all(self.client, [self.experiment_id],
                                f"tags.`{PARENT}` = '{self.parent_run_id}'",
                                order_by=["attributes.start_time ASC"])
         found = {int(r.data.tags[TRIAL]): r.info.run_id for r in runs if TRIAL in r.data.tags}
         return {**found, **self._runs}
 
     # ------------------------------------------------------------------ end of study
-    def finish(self, study: optuna.Study, *, best: Sequence[TrialRecord] | None = None,
+    def finish(self, study: optuna.Study, *,
                test_results: Mapping[int, Mapping[str, float]] | None = None) -> None:
         """Log the best trial (one objective) or Pareto front (several) and the plots.
 
         Args:
-            study: the Optuna study.
-            best: records of the best trial / front members (their recipes and metrics are
-                used); default: `study.best_trial(s)`, read back from their runs.
+            study: the Optuna study; its best trial(s) are read back from their runs.
             test_results: trial number -> metrics on held-out test tasks, added to the table,
                 to those trials' runs and (one objective) to the parent as `test.<metric>`.
         """
@@ -444,7 +399,7 @@ class Tracker:
         import optuna
 
         parent = self.parent_run_id
-        with _tracking(f"MLflow: finish study {self.study_name!r}"):
+        with as_tracking_error(f"MLflow: finish study {self.study_name!r}"):
             runs = self.child_runs()
             directions = [d.name.lower() for d in study.directions]
             names = self._objective_names(study, len(directions))
@@ -452,16 +407,11 @@ class Tracker:
             trials = study.get_trials(deepcopy=False)
             complete = [t for t in trials
                         if t.state == optuna.trial.TrialState.COMPLETE and t.values]
-            records = {r.number: r for r in best or ()}
-            if best is not None:
-                chosen = [r.number for r in best]
-            elif multi:
-                chosen = sorted(t.number for t in study.best_trials)
+            if multi:
+                best = sorted(study.best_trials, key=lambda t: t.number)
             else:
-                chosen = [study.best_trial.number] if complete else []
-            by_number = {t.number: t for t in trials}
-            rows = [self._row(n, by_number.get(n), records.get(n), runs, names, test_results)
-                    for n in chosen]
+                best = [study.best_trial] if complete else []
+            rows = [self._row(t, runs, names, test_results) for t in best]
             table = "pareto_front" if multi else "best"
             self.client.log_text(parent, json.dumps(_json_safe(rows), indent=2), f"{table}.json")
             self.client.log_text(parent, _csv(rows), f"{table}.csv")
@@ -485,7 +435,7 @@ class Tracker:
                 if number in runs:
                     _log_batch(self.client, runs[number],
                                metrics=[_metric(f"test.{k}", v, now) for k, v in values.items()])
-            self._plots(study, trials, complete, names, directions, rows, records)
+            self._plots(study, trials, complete, names, directions, rows)
 
     def _objective_names(self, study: optuna.Study, count: int) -> list[str]:
         if len(self.objectives) == count:
@@ -495,33 +445,27 @@ class Tracker:
             return list(names)
         return ["objective"] if count == 1 else [f"objective_{i}" for i in range(count)]
 
-    def _row(self, number: int, trial: optuna.trial.FrozenTrial | None,
-             record: TrialRecord | None, runs: Mapping[int, str], names: list[str],
+    def _row(self, trial: optuna.trial.FrozenTrial, runs: Mapping[int, str], names: list[str],
              test_results: Mapping[int, Mapping[str, float]] | None) -> dict[str, Any]:
+        """A best / Pareto table row: the trial's values and params, its run's metrics and tags."""
+        number = trial.number
         run_id = runs.get(number)
-        if record is not None:
-            values: dict[str, Any] = dict(record.values)
-            metrics, params = dict(record.metrics), dict(record.params)
-            baseline, digest = record.baseline, record.weights_digest
-        else:
-            values = dict(zip(names, trial.values or [], strict=False)) if trial else {}
-            params = dict(trial.params) if trial else {}
-            metrics, baseline, digest = {}, None, None
-            if run_id:
-                run = self.client.get_run(run_id)
-                metrics = {k: v for k, v in run.data.metrics.items()
-                           if not k.startswith(_RESERVED_PREFIXES)}
-                baseline = run.data.tags.get(BASELINE)
-                digest = run.data.tags.get(DIGEST)
-        if trial is not None and not values and trial.values:
-            values = dict(zip(names, trial.values, strict=False))
+        values = dict(zip(names, trial.values or [], strict=False))
+        params = dict(trial.params)
+        metrics: dict[str, float] = {}
+        baseline = digest = None
+        if run_id:
+            run = self.client.get_run(run_id)
+            metrics = {k: v for k, v in run.data.metrics.items()
+                       if not k.startswith(OWN_METRIC_PREFIXES)}
+            baseline = run.data.tags.get(BASELINE)
+            digest = run.data.tags.get(DIGEST)
         test = dict((test_results or {}).get(number) or {}) or None
         return {"trial": number, "run_id": run_id, "baseline": baseline, "values": values,
                 "metrics": metrics, "test": test, "params": params, "weights_digest": digest}
 
     def _plots(self, study: optuna.Study, trials: Sequence[Any], complete: Sequence[Any],
-               names: list[str], directions: list[str], rows: list[dict[str, Any]],
-               records: Mapping[int, TrialRecord]) -> None:
+               names: list[str], directions: list[str], rows: list[dict[str, Any]]) -> None:
         from vlmexp.search import plots
 
         parent = self.parent_run_id
@@ -537,16 +481,14 @@ class Tracker:
                                              labels=[t.number for t in complete]),
                          "plots/pareto_front.png")
         for row in rows[:_MAX_WEIGHT_PLOTS]:
-            record = records.get(row["trial"])
-            recipe = record.recipe if record is not None else None
-            if recipe is None and row["run_id"]:
-                try:
-                    recipe = Recipe.from_yaml_text(_read_artifact(self.client, row["run_id"],
-                                                                  "recipe.yaml"))
-                except Exception as err:  # noqa: BLE001 - a missing plot must not end the study
-                    warnings.warn(f"no weights-vs-depth plot for trial {row['trial']}: "
-                                  f"{one_line(err, 300)}", stacklevel=2)
-            if recipe is None:
+            if not row["run_id"]:
+                continue
+            try:
+                recipe = Recipe.from_yaml_text(read_artifact(self.client, row["run_id"],
+                                                              "recipe.yaml"))
+            except Exception as err:  # noqa: BLE001 - a missing plot must not end the study
+                warnings.warn(f"no weights-vs-depth plot for trial {row['trial']}: "
+                              f"{one_line(err, 300)}", stacklevel=2)
                 continue
             fig = plots.weights_vs_depth_figure(
                 recipe, title=f"trial {row['trial']} ({recipe.method}): parameters vs depth")
@@ -587,7 +529,7 @@ class Tracker:
         """Mark the parent run FINISHED (a resumed study sets it RUNNING again)."""
         if self.parent_run_id is None:
             return
-        with _tracking(f"MLflow: close the run of study {self.study_name!r}"):
+        with as_tracking_error(f"MLflow: close the run of study {self.study_name!r}"):
             self.client.set_terminated(self.parent_run_id, "FINISHED")
 
 
@@ -636,150 +578,3 @@ def _csv(rows: Sequence[Mapping[str, Any]]) -> str:
     writer.writeheader()
     writer.writerows(flat_rows)
     return buf.getvalue()
-
-
-# ---------------------------------------------------------------------------- reading back
-
-
-def find_run(tracking_uri: str | None, *, run_id: str | None = None, best: bool = False,
-             experiment: str | None = None) -> RunInfo:
-    """Read a trial run back: by id, or the best run of an experiment.
-
-    `best` takes the parent's `vlmexp.best_run` tag when present, else the COMPLETE trial with
-    the best objective (single-objective studies). Without `experiment`, the vlmexp experiment
-    with the most recent trial is used.
-
-    Raises:
-        TrackingError: one line naming what is missing (run, recipe.yaml, completed trial,
-            experiment).
-
-    Example:
-        >>> info = find_run("sqlite:///runs/mlflow.db", best=True, experiment="demo")  # doctest: +SKIP
-        >>> info.recipe.method, info.values  # doctest: +SKIP
-        ('ties', {'combined': 0.84})
-    """
-    uri = tracking_uri or DEFAULT_URI
-    if (run_id is None) == (not best):
-        raise TrackingError("give either a run id or best=True")
-    _check_store_exists(uri)
-    with _tracking(f"MLflow ({uri})"):
-        client = _client(uri)
-        if run_id is not None:
-            run = _get_run(client, run_id, uri)
-        else:
-            run = _best_run(client, uri, experiment)
-        exp = client.get_experiment(run.info.experiment_id)
-        rid = run.info.run_id
-        try:
-            text = _read_artifact(client, rid, "recipe.yaml")
-        except Exception as err:
-            raise TrackingError(f"run {rid} has no recipe.yaml artifact "
-                                f"({one_line(err, 120)})") from err
-    recipe = Recipe.from_yaml_text(text, source=f"run {rid}: recipe.yaml")
-    tags, metrics = run.data.tags, run.data.metrics
-    trial = tags.get(TRIAL)
-    return RunInfo(
-        run_id=rid, experiment=exp.name, recipe=recipe, weights_digest=tags.get(DIGEST),
-        metrics={k: v for k, v in metrics.items() if not k.startswith(_RESERVED_PREFIXES)},
-        values={k[len("objective."):]: v for k, v in metrics.items()
-                if k.startswith("objective.")},
-        parent_run_id=tags.get(PARENT), trial=int(trial) if trial is not None else None,
-        state=tags.get(STATE), tracking_uri=uri)
-
-
-def load_study_config(tracking_uri: str | None, run_id: str) -> dict[str, Any]:
-    """The composed config (`config.yaml`) of the study a run belongs to (or of a parent run).
-
-    Example:
-        >>> load_study_config(None, info.run_id)["eval"]["tasks"]  # doctest: +SKIP
-        ['evals/demo/color_shape_val.yaml', 'evals/demo/next_item_val.yaml']
-    """
-    uri = tracking_uri or DEFAULT_URI
-    _check_store_exists(uri)
-    with _tracking(f"MLflow ({uri})"):
-        client = _client(uri)
-        run = _get_run(client, run_id, uri)
-        parent = run.data.tags.get(PARENT, run_id)
-        try:
-            text = _read_artifact(client, parent, "config.yaml")
-        except Exception as err:
-            raise TrackingError(f"run {parent} (the study run of {run_id}) has no config.yaml "
-                                f"artifact ({one_line(err, 120)})") from err
-    try:
-        config = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise TrackingError(f"run {parent}: config.yaml is not valid YAML") from err
-    if not isinstance(config, dict):
-        raise TrackingError(f"run {parent}: config.yaml is not a mapping")
-    return config
-
-
-def _check_store_exists(uri: str) -> None:
-    """Reading needs an existing SQLite file (MLflow would silently create an empty one)."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and uri[len(prefix):] not in ("", ":memory:"):
-        path = Path(uri[len(prefix):])
-        if not path.is_file():
-            raise TrackingError(f"no MLflow store at {path.resolve()} (tracking URI {uri}); "
-                                f"give the tracking URI the study logged to")
-
-
-def _get_run(client: MlflowClient, run_id: str, uri: str) -> Run:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as err:
-        raise TrackingError(f"no run {run_id!r} in {uri}") from err
-    if run.info.lifecycle_stage == "deleted":
-        raise TrackingError(f"run {run_id} in {uri} is deleted")
-    return run
-
-
-def _best_run(client: MlflowClient, uri: str, experiment: str | None) -> Run:
-    if experiment is not None:
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None or exp.lifecycle_stage == "deleted":
-            raise TrackingError(f"unknown experiment {experiment!r} in {uri}")
-        exp_id, exp_name = exp.experiment_id, exp.name
-    else:
-        exps = client.search_experiments(filter_string=f"tags.`{EXPERIMENT_KIND}` = 'study'")
-        if not exps:
-            raise TrackingError(f"no vlmexp experiment in {uri}")
-        latest = client.search_runs([e.experiment_id for e in exps], f"tags.`{ROLE}` = 'trial'",
-                                    max_results=1, order_by=["attributes.start_time DESC"])
-        if latest:
-            exp_id = latest[0].info.experiment_id
-        else:
-            exp_id = max(exps, key=lambda e: e.last_update_time or 0).experiment_id
-        exp_name = next(e.name for e in exps if e.experiment_id == exp_id)
-    parents = _search_all(client, [exp_id], f"tags.`{ROLE}` = 'study'",
-                          order_by=["attributes.start_time DESC"])
-    for parent in parents:
-        best_run = parent.data.tags.get(BEST_RUN)
-        if best_run:
-            return _get_run(client, best_run, uri)
-    filt = f"tags.`{ROLE}` = 'trial' and tags.`{STATE}` = 'COMPLETE'"
-    trials = _search_all(client, [exp_id], filt)
-    if parents:  # the most recent study's trials, with its objectives and directions
-        tags = parents[0].data.tags
-        objectives = [o for o in tags.get(OBJECTIVES, "").split(",") if o]
-        directions = [_direction(d) for d in tags.get(DIRECTIONS, "").split(",") if d]
-        trials = [r for r in trials if r.data.tags.get(PARENT) == parents[0].info.run_id]
-    else:
-        objectives = sorted({k[len("objective."):] for r in trials for k in r.data.metrics
-                             if k.startswith("objective.")})
-        directions = ["maximize"] * len(objectives)
-    if len(objectives) > 1:
-        front = parents[0].data.tags.get(PARETO_RUNS) if parents else None
-        hint = f" (Pareto front runs: {front})" if front else ""
-        raise TrackingError(f"experiment {exp_name!r} optimizes several objectives "
-                            f"({', '.join(objectives)}): there is no single best run; pick a run "
-                            f"id{hint}")
-    key = f"objective.{objectives[0]}" if objectives else None
-    scored = [r for r in trials if key is not None and key in r.data.metrics
-              and math.isfinite(r.data.metrics[key])]
-    if not scored:
-        raise TrackingError(f"experiment {exp_name!r} has no completed trial")
-    sign = -1.0 if directions and directions[0] == "minimize" else 1.0
-    return max(scored, key=lambda r: (sign * r.data.metrics[key], -(r.info.start_time or 0)))

@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 import transformers as tf
-from safetensors import safe_open
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from vlmexp.checkpoint import folder_weights_sha256
 from vlmexp.errors import CheckpointError
 from vlmexp.zoo import data
 from vlmexp.zoo.train import encode_image_items, encode_text_items, train
@@ -233,31 +233,14 @@ def build_zoo(out: Path, settings: ZooSettings, *, progress: bool = True) -> dic
     manifest = {
         "settings": dataclasses.asdict(s), "key": s.key(), "format": ZOO_FORMAT,
         "torch": torch.__version__, "transformers": tf.__version__,
-        "weights_sha256": {f.name: weights_digest(f) for f in (paths.base, paths.vqa_expert, paths.text_expert)},
+        # the digest a recipe pins the model by (its weights_sha256)
+        "weights_sha256": {f.name: folder_weights_sha256(f) for f in (paths.base, paths.vqa_expert, paths.text_expert)},
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "final_loss": {k: round(v, 4) for k, v in losses.items()},
     }
     manifest["seconds"]["total"] = round(time.perf_counter() - start, 2)
     (out / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def weights_digest(folder: str | Path) -> str:
-    """sha256 over every tensor (name, dtype, shape, bytes) of a folder's safetensors, by name."""
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{folder}: no .safetensors files")
-    h = hashlib.sha256()
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                tensors[name] = f.get_tensor(name)
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def default_root() -> Path:
