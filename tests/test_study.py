@@ -63,7 +63,7 @@ def config(tmp_path: Path, models: dict[str, Path], *extra: str):
 def test_study_runs_baselines_first_prunes_and_resumes(tmp_path, models, monkeypatch):
     monkeypatch.chdir(tmp_path)  # MLflow's artifacts land under the working directory
     cfg = config(tmp_path, models, "search.n_trials=7", "search.pruning.startup_trials=4",
-                 "search.pruning.rungs=[0.5]")
+                 "search.pruning.rungs=[0.5]", "search.pruning.percentile=100")
     result = run_search(cfg, progress=False)
     study = optuna.load_study(study_name="tiny", storage=cfg.search.storage)
     trials = study.trials
@@ -77,16 +77,27 @@ def test_study_runs_baselines_first_prunes_and_resumes(tmp_path, models, monkeyp
     assert result.best and result.best[0].value == max(
         t.value for t in trials if t.state == TrialState.COMPLETE)
 
-    # a crash leaves a RUNNING trial: the next run marks it failed and runs its parameters again
+    # a crash leaves a RUNNING trial (here with trial 4's parameters): the next run marks it
+    # failed and runs its parameters again; at the rung they score below the best trial there,
+    # so the strict pruner (percentile 100: keep only the best at a rung) stops it
+    study.enqueue_trial(trials[4].params)
     stale = study.ask()
-    for name, dist in trials[5].distributions.items():
+    for name, dist in trials[4].distributions.items():
         stale.suggest_float(name, dist.low, dist.high)
-    cfg = config(tmp_path, models, "search.n_trials=9")
+    assert stale.params == trials[4].params
+    rung = [t.intermediate_values[0] for t in trials[4:]]
+    assert trials[4].intermediate_values[0] < max(rung)
+    cfg = config(tmp_path, models, "search.n_trials=9", "search.pruning.startup_trials=4",
+                 "search.pruning.rungs=[0.5]", "search.pruning.percentile=100")
     run_search(cfg, progress=False)
     study = optuna.load_study(study_name="tiny", storage=cfg.search.storage)
     assert study.trials[stale.number].state == TrialState.FAIL
-    assert len([t for t in study.trials if t.state != TrialState.FAIL]) >= 8
-    assert sum(t.params == stale.params for t in study.trials) >= 2
+    rerun = study.trials[-1]
+    assert rerun.number > stale.number and rerun.params == stale.params
+    assert rerun.state == TrialState.PRUNED
+    assert rerun.intermediate_values == trials[4].intermediate_values
+    assert "rung 0" in rerun.user_attrs["reason"]
+    assert len([t for t in study.trials if t.state != TrialState.FAIL]) == 8
 
     # the MLflow record: one parent run, one child per finished trial, with its recipe
     import mlflow
@@ -99,9 +110,7 @@ def test_study_runs_baselines_first_prunes_and_resumes(tmp_path, models, monkeyp
     assert len(parents) == 1
     assert len(children) == len([t for t in study.trials if t.state != TrialState.RUNNING]) - 1
     statuses = {r.data.tags["vlmexp.state"]: r.info.status for r in children}
-    assert statuses.get("COMPLETE") == "FINISHED"
-    if "PRUNED" in statuses:
-        assert statuses["PRUNED"] == "KILLED"
+    assert statuses == {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}  # the crashed trial has none
 
 
 @pytest.mark.slow

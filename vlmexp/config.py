@@ -97,7 +97,7 @@ class EvalConfig:
 
 @dataclass
 class TrackingConfig:
-    uri: str | None = None  # default sqlite:///mlflow.db in the working directory
+    uri: str | None = None  # default vlmexp.search.mlflow_store.DEFAULT_URI (the working directory)
     experiment: str | None = None  # default: the study name
     log_items: bool = True
 
