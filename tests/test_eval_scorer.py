@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -83,13 +85,44 @@ def test_paligemma_prompt_drops_processor_newline(tiny, tiny_processor):
 
 @pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
 def test_qwen_gets_mm_token_types(name, tiny, tiny_processor):
-    """3-D rope positions need mm_token_type_ids; without them Qwen2.5-VL silently scores otherwise."""
-    model, proc = tiny(name), tiny_processor(name)
-    prefix = encode_prefix(proc, random_image(), image_prompt(proc, "Colour?"), model_type=name)
+    """3-D rope positions need mm_token_type_ids (1 on image pads): with the processor's ones the
+    cached scorer equals the full forward (the cache continues the rope deltas); all-zero ones,
+    which put the image on 1-D text positions, give other scores."""
+    model, proc = copy.deepcopy(tiny(name)), tiny_processor(name)
+    with torch.no_grad():  # sharper attention, so that positions move the scores well above noise
+        for key, p in model.named_parameters():
+            if "language_model" in key and ("q_proj" in key or "k_proj" in key):
+                p.mul_(4.0)
+    prefix = encode_prefix(proc, random_image(3), image_prompt(proc, "What colour is the shape?"),
+                           model_type=name)
     image = prefix["input_ids"] == model.config.image_token_id
     assert image.sum() == 4 and torch.equal(prefix["mm_token_type_ids"].bool(), image)
-    conts = [encode_continuation(proc, " red green")]
-    with_types = score_continuations(model, prefix, conts)[0].logprob
-    if name == "qwen2_5_vl":
+    conts = [encode_continuation(proc, ANSWER_PREFIX + c) for c in CHOICES]
+    with_types = [s.logprob for s in score_continuations(model, prefix, conts)]
+    naive = [s.logprob for s in score_continuations_naive(model, prefix, conts)]
+    assert with_types == pytest.approx(naive, abs=1e-5)
+    zeros = {**prefix, "mm_token_type_ids": torch.zeros_like(prefix["mm_token_type_ids"])}
+    for scorer in (score_continuations, score_continuations_naive):
+        other = [s.logprob for s in scorer(model, zeros, conts)]
+        assert max(abs(a - b) for a, b in zip(other, with_types, strict=True)) > 1e-3
+    if name == "qwen2_5_vl":  # it runs without them too (1-D positions), and scores otherwise
         bare = {k: v for k, v in prefix.items() if k != "mm_token_type_ids"}
-        assert abs(score_continuations_naive(model, bare, conts)[0].logprob - with_types) > 1e-5
+        other = [s.logprob for s in score_continuations_naive(model, bare, conts)]
+        assert max(abs(a - b) for a, b in zip(other, with_types, strict=True)) > 1e-3
+
+
+def test_qwen_text_prefix_after_an_image_prefix(tiny, tiny_processor):
+    """Qwen-VL keeps the rope deltas of its last image prefix; a later prefix without an image
+    must not continue from them."""
+    model, proc = copy.deepcopy(tiny("qwen2_vl")), tiny_processor("qwen2_vl")
+    ids = proc.tokenizer.encode("What colour is the shape? Answer:", add_special_tokens=False)
+    cont = proc.tokenizer.encode(" red green", add_special_tokens=False)
+    fresh = score_continuations(model, {"input_ids": torch.tensor([ids])}, [cont])[0].logprob
+    prefix = encode_prefix(proc, random_image(3), image_prompt(proc, "What colour is the shape?"),
+                           model_type="qwen2_vl")
+    score_continuations(model, prefix, [encode_continuation(proc, " red")])
+    assert model.model.rope_deltas is not None and int(model.model.rope_deltas.abs().max()) > 0
+    again = score_continuations(model, {"input_ids": torch.tensor([ids])}, [cont])[0].logprob
+    assert again == pytest.approx(fresh, abs=1e-6)
+    assert fresh == pytest.approx(
+        score_continuations_naive(model, {"input_ids": torch.tensor([ids])}, [cont])[0].logprob, abs=1e-5)

@@ -105,6 +105,14 @@ def _gather(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
 
+def _forget_rope_deltas(model: torch.nn.Module) -> None:
+    """Qwen-VL keeps the rope deltas of its last image prefix and applies them to later cached
+    steps; a prefix without an image does not replace them, so they are cleared first."""
+    inner = getattr(model, "model", None)
+    if getattr(inner, "rope_deltas", None) is not None:
+        inner.rope_deltas = None
+
+
 @torch.no_grad()
 def score_continuations(
     model: torch.nn.Module, prefix: dict[str, torch.Tensor], continuations: Sequence[Sequence[int]],
@@ -124,6 +132,7 @@ def score_continuations(
         raise ValueError("an empty continuation has no tokens to score")
     device = next(model.parameters()).device
     prefix = _to_model(model, prefix)
+    _forget_rope_deltas(model)
     out = model(**prefix, use_cache=True)
     first = torch.log_softmax(out.logits[0, -1].float(), -1)
     cache = out.cache if "cache" in out else out.past_key_values
