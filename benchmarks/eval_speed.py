@@ -15,13 +15,8 @@ import time
 import torch
 import transformers as tf
 
-from vlmexp.eval.prompt import ANSWER_PREFIX, image_prompt
-from vlmexp.eval.scorer import (
-    encode_continuation,
-    encode_prefix,
-    score_continuations,
-    score_continuations_naive,
-)
+from vlmexp.eval.prompt import image_prompt
+from vlmexp.eval.scorer import encode_choices, score_continuations, score_continuations_naive
 from vlmexp.zoo import tiny
 from vlmexp.zoo.tiny_processors import build_tokenizer, random_image
 
@@ -59,9 +54,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, proc = model_and_processor()
     choices = ["a red circle", "a green square", "a blue triangle", "a yellow star"]
-    conts = [encode_continuation(proc, ANSWER_PREFIX + c) for c in choices]
-    prefixes = [encode_prefix(proc, random_image(i, IMAGE), image_prompt(proc, "What is shown?"))
-                for i in range(args.items)]
+    items = [encode_choices(proc, random_image(i, IMAGE), image_prompt(proc, "What is shown?"), choices)
+             for i in range(args.items)]
+    prefixes, conts = [prefix for prefix, _ in items], items[0][1]
     print(f"prefix {prefixes[0]['input_ids'].shape[1]} tokens, choices {[len(c) for c in conts]} tokens")
     score_continuations(model, prefixes[0], conts)  # warm-up
     score_continuations_naive(model, prefixes[0], conts)

@@ -13,8 +13,8 @@ import torch
 from vlmexp.cli import main
 from vlmexp.errors import EvalError
 from vlmexp.eval.evaluator import EvalResult, Evaluator
-from vlmexp.eval.prompt import ANSWER_PREFIX, image_prompt
-from vlmexp.eval.scorer import encode_continuation, encode_prefix, score_continuations_naive
+from vlmexp.eval.prompt import image_prompt, split_context
+from vlmexp.eval.scorer import encode_prefix, score_continuations_naive
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "evals" / "examples"
 OBJECTIVES = {"vl": {"example_shapes_jsonl": 3.0, "example_mmbench_tsv": 1.0},
@@ -54,8 +54,11 @@ def test_items_carry_choice_scores_and_margin(result, evaluator, tiny, tiny_proc
     task = evaluator.tasks["example_shapes_jsonl"]
     for score in result.items["example_shapes_jsonl"]:
         item = task.items[score.index]
-        prefix = encode_prefix(proc, item.load_image(), image_prompt(proc, item.question))
-        conts = [encode_continuation(proc, ANSWER_PREFIX + c) for c in item.choices]
+        # an independent encoding: each choice's ids from the processor's encoding of the full text
+        pairs = [split_context(image_prompt(proc, item.question), c) for c in item.choices]
+        prefix = encode_prefix(proc, item.load_image(), pairs[0][0])
+        n = prefix["input_ids"].shape[1]
+        conts = [encode_prefix(proc, item.load_image(), a + b)["input_ids"][0, n:].tolist() for a, b in pairs]
         naive = [s.logprob for s in score_continuations_naive(model, prefix, conts)]
         assert score.scores == pytest.approx(naive, abs=1e-4)
         gold = item.choices.index(item.answer)

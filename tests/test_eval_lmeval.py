@@ -37,15 +37,19 @@ def _reference(model, tok, context: str, choice: str) -> float:
 @pytest.mark.parametrize("name", VLMS)
 def test_loglikelihoods_match_causal_reference(name, runner, tiny, tiny_processor):
     model, tok = tiny(name), tiny_processor(name).tokenizer
-    out = runner.run(model, tok, {TASK: [1, 4]})[TASK]
-    assert sorted(s["doc_id"] for s in out.samples) == [1, 4]
+    docs = [1, 4, 5, 7]
+    out = runner.run(model, tok, {TASK: docs})[TASK]
+    assert sorted(s["doc_id"] for s in out.samples) == docs
+    right = []
     for sample in out.samples:
         doc = DOCS[sample["doc_id"]]
         assert sample["doc"] == doc
         got = [r[0] for r in sample["filtered_resps"]]
         want = [_reference(model, tok, doc["context"], c) for c in doc["choices"]]
         assert got == pytest.approx(want, abs=1e-4)
-    assert out.metrics["acc"] in (0.0, 0.5, 1.0)
+        # acc from the reference log-likelihoods: argmax (first of equals) is the gold label
+        right.append(max(range(len(want)), key=want.__getitem__) == doc["label"])
+    assert out.metrics["acc"] == sum(right) / len(docs)
 
 
 def test_paligemma_text_needs_token_types(tiny):

@@ -1,32 +1,44 @@
-"""The prefix-shared scorer equals one full forward per choice, on every tiny architecture."""
+"""The prefix-shared scorer equals one full forward per choice, on every tiny architecture, and an
+answer is scored as the continuation of the exact prompt string (lm-eval's rule), on real
+tokenizer kinds with and without their chat templates."""
 
 from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from vlmexp.eval.prompt import ANSWER_PREFIX, image_prompt
+from vlmexp.errors import EvalError
+from vlmexp.eval.prompt import ANSWER_DELIMITER, image_prompt, split_context
 from vlmexp.eval.scorer import (
+    encode_choices,
     encode_continuation,
     encode_prefix,
     model_type,
     score_continuations,
     score_continuations_naive,
 )
-from vlmexp.zoo.tiny import VLMS, build
+from vlmexp.zoo.tiny import VLMS, build, build_for_tokenizer
 from vlmexp.zoo.tiny_processors import random_image
+from vlmexp.zoo.tokenizers import VLM_OF, build_tokenizer
 
 CHOICES = ["red", "green blue", "a small red circle", "yellow star cat dog"]
+QUESTION = "What colour is the shape?"
+
+
+def _choice_inputs(proc, name, image=None):
+    prompt = image_prompt(proc, QUESTION)
+    return encode_choices(proc, image or random_image(3), prompt, CHOICES, model_type=name)
 
 
 @pytest.mark.parametrize("name", VLMS)
 def test_shared_prefix_equals_naive(name, tiny, tiny_processor):
     model, proc = tiny(name), tiny_processor(name)
-    prefix = encode_prefix(proc, random_image(3), image_prompt(proc, "What colour is the shape?"),
-                           model_type=model_type(model))
+    prefix, conts = _choice_inputs(proc, model_type(model))
     assert (prefix["input_ids"] == model.config.image_token_id if hasattr(model.config, "image_token_id")
             else prefix["input_ids"] == model.config.image_token_index).any()
-    conts = [encode_continuation(proc, ANSWER_PREFIX + c) for c in CHOICES]
     assert len({len(c) for c in conts}) > 1  # ragged: exercises the right padding
     fast = score_continuations(model, prefix, conts, batch_size=3)  # two chunks: 3 + 1
     naive = score_continuations_naive(model, prefix, conts)
@@ -40,17 +52,14 @@ def test_shared_prefix_equals_naive(name, tiny, tiny_processor):
 
 def test_scores_depend_on_image(tiny, tiny_processor):
     model, proc = tiny("llava"), tiny_processor("llava")
-    prompt = image_prompt(proc, "What colour is the shape?")
-    conts = [encode_continuation(proc, " red green")]
-    a = score_continuations(model, encode_prefix(proc, random_image(0), prompt), conts)[0].logprob
-    b = score_continuations(model, encode_prefix(proc, random_image(1), prompt), conts)[0].logprob
+    a = score_continuations(model, *_choice_inputs(proc, "llava", random_image(0)))[1].logprob
+    b = score_continuations(model, *_choice_inputs(proc, "llava", random_image(1)))[1].logprob
     assert abs(a - b) > 1e-4
 
 
 def test_one_token_answers_use_prefix_logits_only(tiny, tiny_processor):
     model, proc = tiny("idefics3"), tiny_processor("idefics3")
-    prefix = encode_prefix(proc, random_image(), image_prompt(proc, "Colour?"))
-    conts = [encode_continuation(proc, ANSWER_PREFIX + c) for c in ("red", "blue")]
+    prefix, conts = encode_choices(proc, random_image(), image_prompt(proc, "Colour?"), ["red", "blue"])
     assert [len(c) for c in conts] == [1, 1]
     with torch.no_grad():
         logits = model(**prefix).logits[0, -1]
@@ -60,11 +69,7 @@ def test_one_token_answers_use_prefix_logits_only(tiny, tiny_processor):
     assert score_continuations(model, prefix, conts)[0].mean == pytest.approx(expected[0], abs=1e-5)
 
 
-def test_boundary_tokenization_is_separate(tiny_processor):
-    """Prompt and answer are tokenized apart: the answer's ids never merge into the prompt's."""
-    proc = tiny_processor("llava")
-    ids = encode_continuation(proc, ANSWER_PREFIX + "red")
-    assert proc.tokenizer.convert_ids_to_tokens(ids) == ["▁red"]
+def test_empty_continuation_is_an_error():
     with pytest.raises(ValueError, match="empty continuation"):
         score_continuations(build("llava"), {"input_ids": torch.tensor([[5]])}, [[]])
 
@@ -79,17 +84,183 @@ def test_paligemma_prompt_drops_processor_newline(tiny, tiny_processor):
     assert enc["input_ids"][0].tolist() == raw[:-1].tolist()
     assert proc.tokenizer.decode(enc["input_ids"][0, -3:]).endswith(":")
     assert set(enc["token_type_ids"][0].tolist()) == {0}
+    # without the drop the prefix would end in "\n" where the text-only prompt ends in ":"
+    with pytest.raises(EvalError, match="would not continue the prompt"):
+        encode_choices(proc, random_image(), prompt, ["red"], model_type="")
 
 
 @pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
 def test_qwen_gets_mm_token_types(name, tiny, tiny_processor):
-    """3-D rope positions need mm_token_type_ids; without them Qwen2.5-VL silently scores otherwise."""
-    model, proc = tiny(name), tiny_processor(name)
-    prefix = encode_prefix(proc, random_image(), image_prompt(proc, "Colour?"), model_type=name)
+    """3-D rope positions need mm_token_type_ids (1 on image pads): with the processor's ones the
+    cached scorer equals the full forward (the cache continues the rope deltas); all-zero ones,
+    which put the image on 1-D text positions, give other scores."""
+    model, proc = copy.deepcopy(tiny(name)), tiny_processor(name)
+    with torch.no_grad():  # sharper attention, so that positions move the scores well above noise
+        for key, p in model.named_parameters():
+            if "language_model" in key and ("q_proj" in key or "k_proj" in key):
+                p.mul_(4.0)
+    prefix, conts = _choice_inputs(proc, name)
     image = prefix["input_ids"] == model.config.image_token_id
     assert image.sum() == 4 and torch.equal(prefix["mm_token_type_ids"].bool(), image)
-    conts = [encode_continuation(proc, " red green")]
-    with_types = score_continuations(model, prefix, conts)[0].logprob
-    if name == "qwen2_5_vl":
+    with_types = [s.logprob for s in score_continuations(model, prefix, conts)]
+    naive = [s.logprob for s in score_continuations_naive(model, prefix, conts)]
+    assert with_types == pytest.approx(naive, abs=1e-5)
+    zeros = {**prefix, "mm_token_type_ids": torch.zeros_like(prefix["mm_token_type_ids"])}
+    for scorer in (score_continuations, score_continuations_naive):
+        other = [s.logprob for s in scorer(model, zeros, conts)]
+        assert max(abs(a - b) for a, b in zip(other, with_types, strict=True)) > 1e-3
+    if name == "qwen2_5_vl":  # it runs without them too (1-D positions), and scores otherwise
         bare = {k: v for k, v in prefix.items() if k != "mm_token_type_ids"}
-        assert abs(score_continuations_naive(model, bare, conts)[0].logprob - with_types) > 1e-5
+        other = [s.logprob for s in score_continuations_naive(model, bare, conts)]
+        assert max(abs(a - b) for a, b in zip(other, with_types, strict=True)) > 1e-3
+
+
+def test_qwen_text_prefix_after_an_image_prefix(tiny, tiny_processor):
+    """Qwen-VL keeps the rope deltas of its last image prefix; a later prefix without an image
+    must not continue from them."""
+    model, proc = copy.deepcopy(tiny("qwen2_vl")), tiny_processor("qwen2_vl")
+    ids = proc.tokenizer.encode("What colour is the shape? Answer:", add_special_tokens=False)
+    cont = proc.tokenizer.encode(" red green", add_special_tokens=False)
+    fresh = score_continuations(model, {"input_ids": torch.tensor([ids])}, [cont])[0].logprob
+    score_continuations(model, *_choice_inputs(proc, "qwen2_vl"))
+    assert model.model.rope_deltas is not None and int(model.model.rope_deltas.abs().max()) > 0
+    again = score_continuations(model, {"input_ids": torch.tensor([ids])}, [cont])[0].logprob
+    assert again == pytest.approx(fresh, abs=1e-6)
+    assert fresh == pytest.approx(
+        score_continuations_naive(model, {"input_ids": torch.tensor([ids])}, [cont])[0].logprob, abs=1e-5)
+
+
+# ---- real tokenizer kinds: answers as continuations of the exact prompt ----------------------
+
+ANSWERS = ["red", "top left", "yellow star cat"]
+KINDS = [("llama", {}), ("llama", {"legacy": True}), ("gemma", {}), ("qwen2", {})]
+
+
+@pytest.fixture(scope="module")
+def kind_model():
+    cache: dict[str, torch.nn.Module] = {}
+
+    def get(kind: str, tokenizer) -> torch.nn.Module:
+        if kind not in cache:
+            cache[kind] = build_for_tokenizer(VLM_OF[kind], tokenizer, seed=1)
+        return cache[kind]
+
+    return get
+
+
+def _joint_logprobs(model, proc, image, text: str, n: int, mtype: str) -> tuple[list[int], float]:
+    """The processor's ids of the whole text (image expanded) and, from ONE forward over them,
+    the summed log-probability of their last `n` tokens."""
+    inputs = encode_prefix(proc, image, text, model_type=mtype)
+    ids = inputs["input_ids"][0]
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, -n - 1:-1]
+    lp = torch.log_softmax(logits.float(), -1).gather(-1, ids[-n:, None]).sum()
+    return ids.tolist(), float(lp)
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
+@pytest.mark.parametrize(("kind", "options"), KINDS, ids=["llama", "llama_legacy", "gemma", "qwen2"])
+def test_answer_scored_as_joint_tokenization(kind, options, chat, kind_model, kind_processor):
+    tok = build_tokenizer(kind, chat_template=chat, **options)
+    proc = kind_processor(kind, tok)
+    model = kind_model(kind, tok)
+    mtype = model_type(model)
+    image = random_image(5)
+    prompt = image_prompt(proc, QUESTION)
+    assert bool(proc.chat_template) == chat
+    prefix, conts = encode_choices(proc, image, prompt, ANSWERS, model_type=mtype)
+    fast = score_continuations(model, prefix, conts, batch_size=2)
+    for answer, cont, score in zip(ANSWERS, conts, fast, strict=True):
+        context, continuation = split_context(prompt, answer)
+        ids, joint = _joint_logprobs(model, proc, image, context + continuation, len(cont), mtype)
+        assert ids == prefix["input_ids"][0].tolist() + cont  # no merge across the boundary here
+        assert score.logprob == pytest.approx(joint, abs=1e-5)
+        assert score.tokens == len(cont)
+    # after a generation prompt that ends in a newline the answer starts without a space: the
+    # old rule (the answer encoded alone, after a space) gives other tokens there
+    alone = [tok.encode(ANSWER_DELIMITER + a, add_special_tokens=False) for a in ANSWERS]
+    ends_in_newline = prompt.endswith("\n")
+    assert ends_in_newline == (chat and kind in ("gemma", "qwen2"))
+    for cont, old in zip(conts, alone, strict=True):
+        assert (cont != old) == ends_in_newline
+        if ends_in_newline:
+            assert tok.convert_ids_to_tokens(cont[:1]) in (["Ċ"], ["\n"])
+
+
+def test_qwen_chat_answer_tokens(kind_processor):
+    tok = build_tokenizer("qwen2", chat_template=True)
+    prompt = image_prompt(kind_processor("qwen2", tok), QUESTION)
+    assert prompt.endswith("<|im_start|>assistant\n")
+    context, continuation = split_context(prompt, "red")
+    assert (context, continuation) == (prompt[:-1], "\nred")
+    assert tok.convert_ids_to_tokens(encode_continuation(tok, context, continuation)) == ["Ċ", "re", "d"]
+    assert tok.convert_ids_to_tokens(tok.encode(" red", add_special_tokens=False)) == ["Ġred"]
+
+
+def _lm_eval_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's own `_encode_pair` (causal backend), on `tok` without special tokens."""
+    from lm_eval.api.model import TemplateLM
+
+    lm = SimpleNamespace(backend="causal", tok_encode=lambda s, **_: tok.encode(s, add_special_tokens=False))
+    return TemplateLM._encode_pair(lm, context, continuation)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma", "qwen2"])
+def test_continuation_ids_equal_lm_evals(kind):
+    """split_context + encode_continuation give lm-eval's ids: target_delimiter " ", or "" after
+    a chat template (whose generation prompt ends in whitespace)."""
+    tok = build_tokenizer(kind)
+    prompts = ["<image>\nWhat colour is the shape?\nAnswer:", "Answer:\n", "USER: Colour? ASSISTANT: ",
+               "<|im_start|>assistant\n", "<start_of_turn>model\n\n"]
+    for prompt in prompts:
+        delimiter = "" if prompt != prompt.rstrip() else ANSWER_DELIMITER
+        for answer in ["red", "top left", "7 cats", "ünïcode"]:
+            context, continuation = split_context(prompt, answer)
+            ctx_enc, cont_enc = _lm_eval_pair(tok, prompt, delimiter + answer)
+            assert tok.encode(context, add_special_tokens=False) == ctx_enc
+            assert encode_continuation(tok, context, continuation) == cont_enc
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma", "qwen2"])
+def test_merge_across_the_boundary_follows_lm_eval(kind, kind_model):
+    """When context + continuation merges across the boundary, the continuation is still
+    whole[len(context ids):] (lm-eval's rule), scored after the context's own ids."""
+    tok = build_tokenizer(kind)
+    context, continuation = "What colour is the sha", "pe? Answer: red"
+    ctx = tok.encode(context, add_special_tokens=False)
+    whole = tok.encode(context + continuation, add_special_tokens=False)
+    assert whole[:len(ctx)] != ctx  # "sha" + "pe" merged into "shape"
+    cont = encode_continuation(tok, context, continuation)
+    assert cont == _lm_eval_pair(tok, context, continuation)[1] == whole[len(ctx):]
+    model = kind_model(kind, tok)  # text only, as lm-eval runs it: context ids + continuation ids
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ctx + cont])).logits[0]
+    lp = torch.log_softmax(logits.float(), -1)
+    want = sum(float(lp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
+    got = score_continuations(model, {"input_ids": torch.tensor([ctx])}, [cont])[0]
+    assert got.logprob == pytest.approx(want, abs=1e-5) and got.tokens == len(cont)
+
+
+def test_boundary_check_counts_from_the_end(tiny_processor):
+    """The image expansion changes the prefix's length, not its end; a processor whose encoding
+    does not end as the text does is refused."""
+    proc = tiny_processor("llava")
+    prompt = image_prompt(proc, QUESTION)
+    prefix, _ = encode_choices(proc, random_image(), prompt, ["red"])
+    text_ids = proc.tokenizer.encode(prompt, add_special_tokens=False)
+    assert len(prefix["input_ids"][0]) > len(text_ids) + 10  # 16 image tokens for one placeholder
+    assert prefix["input_ids"][0, -6:].tolist() == text_ids[-6:]
+
+    class AppendsEos:
+        def __init__(self, inner):
+            self.inner, self.tokenizer = inner, inner.tokenizer
+
+        def __call__(self, **kwargs):
+            enc = self.inner(**kwargs)
+            eos = torch.tensor([[self.tokenizer.eos_token_id]])
+            enc["input_ids"] = torch.cat([enc["input_ids"], eos], 1)
+            return enc
+
+    with pytest.raises(EvalError, match="would not continue the prompt"):
+        encode_choices(AppendsEos(proc), random_image(), prompt, ["red"])

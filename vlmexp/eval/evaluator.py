@@ -1,7 +1,8 @@
 """The Evaluator: scores a live model on a fixed set of tasks and folds them into objectives.
 
 Everything that does not depend on the weights is prepared once: task data, the processor's
-encoding of each item (image + prompt -> input tensors), the answers' token ids, lm-eval's task
+encoding of each item (image + prompt -> input tensors) and its answers' token ids
+(`encode_choices`: each answer as the continuation of the exact prompt string), lm-eval's task
 objects. `evaluate(model)` then only runs the model, so a search can call it hundreds of times.
 """
 
@@ -17,13 +18,8 @@ from typing import Any
 import torch
 
 from vlmexp.errors import EvalError
-from vlmexp.eval.prompt import ANSWER_PREFIX, image_prompt
-from vlmexp.eval.scorer import (
-    encode_continuation,
-    encode_prefix,
-    model_type,
-    score_continuations,
-)
+from vlmexp.eval.prompt import image_prompt
+from vlmexp.eval.scorer import encode_choices, model_type, score_continuations
 from vlmexp.eval.tasks import Item, Task, load_tasks
 
 
@@ -112,8 +108,7 @@ class Evaluator:
         self.processor = processor
         self.batch_size = batch_size
         self.device = device
-        self._encoded: dict[tuple[str, int, str], dict[str, torch.Tensor]] = {}
-        self._answer_ids: dict[str, list[int]] = {}
+        self._encoded: dict[tuple[str, int, str], tuple[dict[str, torch.Tensor], list[list[int]]]] = {}
         self._subsets = {t.name: t.subset_indices() for t in tasks if t.kind != "lm_eval"}
         lm_tasks = [t for t in tasks if t.kind == "lm_eval"]
         self._lmeval = None
@@ -155,20 +150,14 @@ class Evaluator:
 
     # --- image tasks ------------------------------------------------------------------------
 
-    def _prefix(self, task: Task, item: Item, mtype: str) -> dict[str, torch.Tensor]:
+    def _encode(self, task: Task, item: Item, mtype: str) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
+        """The item's prefix inputs and its choices' continuation ids, encoded once."""
         key = (task.name, item.index, mtype)
         if key not in self._encoded:
             prompt = image_prompt(self.processor, item.question)
-            self._encoded[key] = encode_prefix(self.processor, item.load_image(), prompt, model_type=mtype)
+            self._encoded[key] = encode_choices(self.processor, item.load_image(), prompt,
+                                                item.choices, model_type=mtype)
         return self._encoded[key]
-
-    def _answer(self, text: str) -> list[int]:
-        if text not in self._answer_ids:
-            ids = encode_continuation(self.processor, ANSWER_PREFIX + text)
-            if not ids:
-                raise EvalError(f"answer {text!r} encodes to no tokens")
-            self._answer_ids[text] = ids
-        return self._answer_ids[text]
 
     def _image_task(self, model: torch.nn.Module, task: Task, positions: list[int],
                     progress: Any) -> tuple[dict[str, float], list[ItemScore]]:
@@ -177,10 +166,8 @@ class Evaluator:
         norm_correct = mean_correct = 0
         for pos in positions:
             item = task.items[pos]
-            scores = score_continuations(
-                model, self._prefix(task, item, mtype), [self._answer(c) for c in item.choices],
-                batch_size=self.batch_size,
-            )
+            prefix, continuations = self._encode(task, item, mtype)
+            scores = score_continuations(model, prefix, continuations, batch_size=self.batch_size)
             summed = [s.logprob for s in scores]
             out.append(_item_score(task.name, item, summed))
             per_char = [s.logprob / max(len(c), 1) for s, c in zip(scores, item.choices, strict=True)]

@@ -1,14 +1,40 @@
 """How a question becomes model text: one place, shared by the evaluator and the zoo's training.
 
-A multiple-choice item is scored as log p(ANSWER_PREFIX + choice | prompt). The zoo trains on
-exactly `image_prompt(...) + ANSWER_PREFIX + answer`, so what it learns is what gets scored.
+A multiple-choice item is scored as log p(continuation | context), where
+`split_context(prompt, answer)` splits the item's text `prompt + delimiter + answer` as lm-eval
+does. The evaluator (vlmexp.eval.scorer.encode_choices) and the zoo's training
+(vlmexp.zoo.train) both split with it and both take the continuation's tokens from one
+tokenization of the whole text, so what the zoo learns is what gets scored.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-ANSWER_PREFIX = " "
+ANSWER_DELIMITER = " "  # lm-eval's default `target_delimiter`
+
+
+def split_context(prompt: str, answer: str) -> tuple[str, str]:
+    """The (context, continuation) pair whose concatenation is the item's full text.
+
+    The continuation is `ANSWER_DELIMITER + answer`, unless the prompt already ends in whitespace
+    (a chat template's generation prompt such as Qwen's `"<|im_start|>assistant\\n"`): then no
+    delimiter is added and, as lm-eval's `_encode_pair` does, the trailing whitespace moves from
+    the context into the continuation, so that a tokenizer that glues a space or newline to the
+    next word sees them together. (lm-eval drops the delimiter after a chat template, too.)
+
+    Example:
+        >>> split_context("<image>\\nWhat colour is the shape?\\nAnswer:", "red")
+        ('<image>\\nWhat colour is the shape?\\nAnswer:', ' red')
+        >>> split_context("<|im_start|>assistant\\n", "red")
+        ('<|im_start|>assistant', '\\nred')
+    """
+    context = prompt.rstrip()
+    if not context:
+        raise ValueError("an empty prompt has no context to score an answer after")
+    if context == prompt:
+        return prompt, ANSWER_DELIMITER + answer
+    return context, prompt[len(context):] + answer
 
 
 def image_prompt(processor: Any, question: str) -> str:

@@ -1,15 +1,26 @@
 """Log-likelihood of text continuations given an image and a prompt, for every supported VLM.
 
-An item is encoded once (`encode_prefix`: the processor turns image + prompt into model inputs);
-its continuations (answer choices, captions) are tokenized on their own (`encode_continuation`)
-and their ids appended to the prompt's ids. Tokenizing the two parts separately, in the fast path
-and in the naive reference alike, keeps the prompt/answer boundary fixed: BPE merges never cross
-it, so every choice is scored under the very same prefix tokens.
+An answer is scored as lm-eval scores a multiple-choice option: as the continuation of the exact
+prompt string. `split_context` (vlmexp.eval.prompt) splits the item's text into context and
+continuation; the prefix is the processor's encoding of image + context (`encode_prefix`, image
+placeholders expanded), and a continuation's ids are the tail of ONE tokenization of
+context + continuation (`encode_continuation`: whole[len(context ids):], lm-eval's `_encode_pair`).
+So an answer is tokenized the way it reads after the prompt: after Qwen's
+`"<|im_start|>assistant\\n"` it is `red`, not the `Ġred` a word encoded alone with a space gets.
+
+When a merge crosses the boundary (the context's ids are not a prefix of the whole text's ids,
+e.g. "sha" + "pe"), context ids + whole[len(context ids):] is no tokenization of the text (the
+seam can lose or repeat characters); lm-eval scores exactly that, and so does this module, which
+keeps the prefix shared. Moving the context's trailing whitespace into the continuation makes
+such merges rare. `encode_choices` checks that the processor's expanded prefix ends with the
+text-only context's ids (it counts from the end, since the image expansion changes the length),
+so that the continuation ids really continue the prefix.
 
 `score_continuations` runs the prefix once with a KV cache, repeats the cache over the choices
 and runs all choices as one right-padded batch (padding sits after every real token, so causal
 attention never sees it). `score_continuations_naive` runs one full forward per choice; the tests
-hold the two equal to 1e-4 on every architecture.
+hold the two equal to 1e-4 on every architecture, and equal to one forward over the joint
+tokenization of prompt + answer.
 
 Architecture quirks, all keyed on the model's `config.model_type`:
   * PaliGemma (prefix-LM): the processor appends "\\n" to the prompt; it is dropped so the answer
@@ -29,6 +40,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from vlmexp.errors import EvalError
+from vlmexp.eval.prompt import split_context
 
 _ANSWER_TOKEN_TYPE = {"paligemma": 1}  # token_type_ids of continuation tokens (default 0)
 _DROP_KEYS = ("labels",)
@@ -50,8 +64,8 @@ def model_type(model: torch.nn.Module) -> str:
     return str(getattr(getattr(model, "config", None), "model_type", ""))
 
 
-def encode_prefix(processor: Any, image: Any, prompt: str, *, model_type: str = "") -> dict[str, torch.Tensor]:
-    """Model inputs (batch of 1) for `image` + `prompt`, as the processor makes them.
+def encode_prefix(processor: Any, image: Any, context: str, *, model_type: str = "") -> dict[str, torch.Tensor]:
+    """Model inputs (batch of 1) for `image` + `context`, as the processor makes them.
 
     Example:
         >>> from vlmexp.zoo.tiny_processors import build_processor, random_image
@@ -59,7 +73,7 @@ def encode_prefix(processor: Any, image: Any, prompt: str, *, model_type: str = 
         >>> enc["input_ids"].shape[0]
         1
     """
-    enc = processor(images=[image], text=[prompt], return_tensors="pt")
+    enc = processor(images=[image], text=[context], return_tensors="pt")
     inputs = {k: v for k, v in enc.items() if k not in _DROP_KEYS and isinstance(v, torch.Tensor)}
     if model_type == "paligemma":
         newline = processor.tokenizer.encode("\n", add_special_tokens=False)
@@ -74,10 +88,67 @@ def encode_prefix(processor: Any, image: Any, prompt: str, *, model_type: str = 
     return inputs
 
 
-def encode_continuation(processor: Any, text: str) -> list[int]:
-    """Token ids of a continuation, tokenized alone (no special tokens)."""
+def encode_continuation(processor: Any, context: str, continuation: str) -> list[int]:
+    """Token ids of `continuation` after `context`, as lm-eval takes them (no special tokens).
+
+    context + continuation is tokenized as one string; the continuation's ids are that
+    tokenization without its first len(ids of context) ids, whether or not a merge crossed the
+    boundary (lm-eval's `_encode_pair`).
+
+    Example:
+        >>> from vlmexp.zoo.tokenizers import qwen2_tokenizer
+        >>> tok = qwen2_tokenizer()
+        >>> tok.convert_ids_to_tokens(encode_continuation(tok, "assistant", "\\nred"))
+        ['Ċ', 're', 'd']
+    """
     tokenizer = getattr(processor, "tokenizer", processor)
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    context_ids = tokenizer.encode(context, add_special_tokens=False)
+    whole = tokenizer.encode(context + continuation, add_special_tokens=False)
+    return list(whole[len(context_ids):])
+
+
+def _check_boundary(tokenizer: Any, prefix_ids: list[int], context: str) -> None:
+    """The expanded prefix must end as the text-only context does, counted from the end.
+
+    Compared: the context's ids after its last special token (image placeholder, turn marker),
+    less the first of them, which an expansion may change (Gemma 3 puts "\\n\\n" before the
+    text that follows an image); at least the last id.
+    """
+    ids = tokenizer.encode(context, add_special_tokens=False)
+    special = set(tokenizer.all_special_ids)
+    tail = next((len(ids) - i - 1 for i in range(len(ids) - 1, -1, -1) if ids[i] in special), len(ids))
+    n = max(tail - 1, 1)
+    if prefix_ids[-n:] != ids[-n:]:
+        tokens = tokenizer.convert_ids_to_tokens
+        raise EvalError(f"the processor's encoding of the prompt ends in {tokens(prefix_ids[-n:])}, "
+                        f"the tokenizer's in {tokens(ids[-n:])}: answers would not continue the prompt")
+
+
+def encode_choices(processor: Any, image: Any, prompt: str, answers: Sequence[str], *,
+                   model_type: str = "") -> tuple[dict[str, torch.Tensor], list[list[int]]]:
+    """The shared prefix (model inputs) and each answer's continuation ids for one image item.
+
+    The context (`split_context`, the same for every answer) goes through the processor with the
+    image; each answer's ids come from `encode_continuation`.
+
+    Example:
+        >>> from vlmexp.zoo.tiny_processors import build_processor, random_image
+        >>> proc = build_processor("llava")
+        >>> prefix, conts = encode_choices(proc, random_image(), "<image>\\nColour?\\nAnswer:", ["red"])
+        >>> proc.tokenizer.convert_ids_to_tokens(conts[0])
+        ['▁red']
+    """
+    pairs = [split_context(prompt, answer) for answer in answers]
+    context = pairs[0][0] if pairs else prompt
+    prefix = encode_prefix(processor, image, context, model_type=model_type)
+    _check_boundary(getattr(processor, "tokenizer", processor), prefix["input_ids"][0].tolist(), context)
+    continuations = []
+    for answer, (_, continuation) in zip(answers, pairs, strict=True):
+        ids = encode_continuation(processor, context, continuation)
+        if not ids:
+            raise EvalError(f"answer {answer!r} adds no tokens to the prompt {prompt!r}")
+        continuations.append(ids)
+    return prefix, continuations
 
 
 def _extend_types(inputs: dict[str, torch.Tensor], n: int, mtype: str) -> dict[str, torch.Tensor]:
@@ -105,6 +176,14 @@ def _gather(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
 
+def _forget_rope_deltas(model: torch.nn.Module) -> None:
+    """Qwen-VL keeps the rope deltas of its last image prefix and applies them to later cached
+    steps; a prefix without an image does not replace them, so they are cleared first."""
+    inner = getattr(model, "model", None)
+    if getattr(inner, "rope_deltas", None) is not None:
+        inner.rope_deltas = None
+
+
 @torch.no_grad()
 def score_continuations(
     model: torch.nn.Module, prefix: dict[str, torch.Tensor], continuations: Sequence[Sequence[int]],
@@ -124,6 +203,7 @@ def score_continuations(
         raise ValueError("an empty continuation has no tokens to score")
     device = next(model.parameters()).device
     prefix = _to_model(model, prefix)
+    _forget_rope_deltas(model)
     out = model(**prefix, use_cache=True)
     first = torch.log_softmax(out.logits[0, -1].float(), -1)
     cache = out.cache if "cache" in out else out.past_key_values

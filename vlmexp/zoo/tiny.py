@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import transformers as tf
@@ -26,9 +27,9 @@ VISION_END = 304
 VIDEO_TOKEN = 305
 
 
-def _llama_text(**kw) -> dict:
+def _llama_text(vocab_size: int = VOCAB, **kw) -> dict:
     return dict(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         pad_token_id=0, **kw,
     )
@@ -41,10 +42,11 @@ def _clip_vision(**kw) -> dict:
     )
 
 
-def llava() -> torch.nn.Module:
+def llava(*, vocab_size: int = VOCAB, image_token: int = IMAGE_TOKEN) -> torch.nn.Module:
     cfg = tf.LlavaConfig(
-        vision_config=_clip_vision(), text_config={"model_type": "llama", **_llama_text()},
-        image_token_index=IMAGE_TOKEN, image_seq_length=16, vision_feature_layer=-1,
+        vision_config=_clip_vision(),
+        text_config={"model_type": "llama", **_llama_text(vocab_size=vocab_size)},
+        image_token_index=image_token, image_seq_length=16, vision_feature_layer=-1,
     )
     return tf.LlavaForConditionalGeneration(cfg)
 
@@ -58,22 +60,24 @@ def llava_next() -> torch.nn.Module:
     return tf.LlavaNextForConditionalGeneration(cfg)
 
 
-def _qwen_text(**kw) -> dict:
+def _qwen_text(vocab_size: int = VOCAB, **kw) -> dict:
     return dict(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
         pad_token_id=0, bos_token_id=1, eos_token_id=2, **kw,
     )
 
 
-def qwen2_vl() -> torch.nn.Module:
+def qwen2_vl(*, vocab_size: int = VOCAB, image_token: int = IMAGE_TOKEN,
+             video_token: int = VIDEO_TOKEN, vision_start: int = VISION_START,
+             vision_end: int = VISION_END) -> torch.nn.Module:
     cfg = tf.Qwen2VLConfig(
-        text_config=_qwen_text(),
+        text_config=_qwen_text(vocab_size),
         vision_config=dict(depth=2, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2,
                            patch_size=8, spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
-        vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+        image_token_id=image_token, video_token_id=video_token,
+        vision_start_token_id=vision_start, vision_end_token_id=vision_end,
     )
     return tf.Qwen2VLForConditionalGeneration(cfg)
 
@@ -113,21 +117,22 @@ def paligemma() -> torch.nn.Module:
     return tf.PaliGemmaForConditionalGeneration(cfg)
 
 
-def _gemma3_text(**kw) -> dict:
+def _gemma3_text(vocab_size: int = VOCAB, **kw) -> dict:
     return dict(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=1, head_dim=8, sliding_window=16,
         max_position_embeddings=256, pad_token_id=0, **kw,
     )
 
 
-def gemma3() -> torch.nn.Module:
+def gemma3(*, vocab_size: int = VOCAB, image_token: int = IMAGE_TOKEN, boi_token: int = BOI_TOKEN,
+           eoi_token: int = EOI_TOKEN) -> torch.nn.Module:
     cfg = tf.Gemma3Config(
-        text_config=_gemma3_text(),
+        text_config=_gemma3_text(vocab_size),
         vision_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2,
                            num_attention_heads=2, image_size=32, patch_size=8),
-        mm_tokens_per_image=4, boi_token_index=BOI_TOKEN, eoi_token_index=EOI_TOKEN,
-        image_token_index=IMAGE_TOKEN,
+        mm_tokens_per_image=4, boi_token_index=boi_token, eoi_token_index=eoi_token,
+        image_token_index=image_token,
     )
     return tf.Gemma3ForConditionalGeneration(cfg)
 
@@ -146,7 +151,7 @@ def gemma3_text() -> torch.nn.Module:
     return tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**_gemma3_text()))
 
 
-BUILDERS: dict[str, Callable[[], torch.nn.Module]] = {
+BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {
     "llava": llava,
     "llava_next": llava_next,
     "qwen2_vl": qwen2_vl,
@@ -168,6 +173,32 @@ def build(name: str, seed: int = 0) -> torch.nn.Module:
         raise KeyError(f"unknown tiny architecture {name!r}; known: {', '.join(BUILDERS)}")
     torch.manual_seed(seed)
     return BUILDERS[name]().eval()
+
+
+# The special tokens each VLM's config names, by builder keyword (for `build_for_tokenizer`).
+TOKEN_KEYWORDS: dict[str, dict[str, str]] = {
+    "llava": {"image_token": "<image>"},
+    "qwen2_vl": {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                 "vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>"},
+    "gemma3": {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
+               "eoi_token": "<end_of_image>"},
+}
+
+
+def build_for_tokenizer(name: str, tokenizer: Any, seed: int = 0) -> torch.nn.Module:
+    """The tiny VLM `name` sized to `tokenizer`: its vocabulary and its image tokens' ids.
+
+    Example:
+        >>> from vlmexp.zoo.tokenizers import qwen2_tokenizer
+        >>> tok = qwen2_tokenizer()
+        >>> build_for_tokenizer("qwen2_vl", tok).config.image_token_id == tok.image_token_id
+        True
+    """
+    if name not in TOKEN_KEYWORDS:
+        raise KeyError(f"no tokenizer-sized builder for {name!r}; known: {', '.join(TOKEN_KEYWORDS)}")
+    ids = {kw: tokenizer.convert_tokens_to_ids(token) for kw, token in TOKEN_KEYWORDS[name].items()}
+    torch.manual_seed(seed)
+    return BUILDERS[name](vocab_size=len(tokenizer), **ids).eval()
 
 
 def perturb(model: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.nn.Module:

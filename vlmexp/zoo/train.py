@@ -1,9 +1,11 @@
 """Training for the demo zoo: encode items the way the evaluator scores them, then a plain Adam loop.
 
-An image item becomes `image_prompt(processor, question) + ANSWER_PREFIX + answer + eos`, with the
-prompt and the answer tokenized separately and their ids concatenated (the evaluator's rule); a
-next-item item becomes `next_item_text(question) + " " + answer + eos` (lm-eval's rule). The loss
-is on the answer and eos only; a recitation is trained on every token.
+An image item is `split_context(image_prompt(processor, question), answer)`: the context goes
+through the processor with the image, the continuation's ids are `encode_continuation`'s (the tail
+of one tokenization of context + continuation), then eos; the evaluator encodes with the same
+two functions (`encode_choices`). A next-item item is `split_context(next_item_text(question),
+answer)` tokenized the same way, lm-eval's rule. The loss is on the continuation and eos only; a
+recitation is trained on every token.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from vlmexp.eval.prompt import ANSWER_PREFIX, image_prompt
+from vlmexp.eval.prompt import image_prompt, split_context
+from vlmexp.eval.scorer import encode_continuation
 
 IGNORE = -100
 
@@ -69,11 +72,11 @@ def encode_image_items(
     prompts: dict[str, list[int]] = {}  # the processor expands `<image>`; same for every image
     rows = []
     for image, question, answer in items:
-        if question not in prompts:
-            text = image_prompt(processor, question)
-            prompts[question] = list(processor(text=text, images=image)["input_ids"][0])
-        prompt = prompts[question]
-        target = _ids(tok, ANSWER_PREFIX + answer) + [tok.eos_token_id]
+        context, continuation = split_context(image_prompt(processor, question), answer)
+        if context not in prompts:
+            prompts[context] = list(processor(text=context, images=image)["input_ids"][0])
+        prompt = prompts[context]
+        target = encode_continuation(tok, context, continuation) + [tok.eos_token_id]
         rows.append((prompt + target, [IGNORE] * len(prompt) + target))
     ids, mask, labels = _pad(rows, tok.pad_token_id)
     pixels = processor.image_processor(images=[it[0] for it in items], return_tensors="pt")
@@ -81,15 +84,16 @@ def encode_image_items(
 
 
 def encode_text_items(tokenizer: Any, items: Sequence[tuple[str, str | None]]) -> Encoded:
-    """(prompt, answer) pairs: with an answer, labels are `" " + answer` + eos; with None, all ids."""
+    """(prompt, answer) pairs: with an answer, labels are its continuation + eos; with None, all ids."""
     rows = []
     for prompt, answer in items:
         if answer is None:
             ids = _ids(tokenizer, prompt) + [tokenizer.eos_token_id]
             rows.append((ids, ids))
         else:
-            head = _ids(tokenizer, prompt)
-            target = _ids(tokenizer, " " + answer) + [tokenizer.eos_token_id]
+            context, continuation = split_context(prompt, answer)
+            head = _ids(tokenizer, context)
+            target = encode_continuation(tokenizer, context, continuation) + [tokenizer.eos_token_id]
             rows.append((head + target, [IGNORE] * len(head) + target))
     return Encoded(*_pad(rows, tokenizer.pad_token_id))
 
