@@ -55,18 +55,9 @@ def kind_processor():
     (vlmexp.zoo.tokenizers) belongs to, with that tokenizer and its chat template."""
     import transformers as tf
 
-    from vlmexp.zoo.tiny_processors import TinyQwenVLProcessor, build_processor
+    from vlmexp.processors import QwenVLImageProcessor
+    from vlmexp.zoo.tiny_processors import build_processor
     from vlmexp.zoo.tokenizers import VLM_OF
-
-    class ChatQwenVLProcessor(TinyQwenVLProcessor):
-        """TinyQwenVLProcessor with its tokenizer's chat template, as the real processor has."""
-
-        def __init__(self, image_processor, tokenizer):
-            super().__init__(image_processor, tokenizer)
-            self.chat_template = tokenizer.chat_template
-
-        def apply_chat_template(self, messages, **kwargs):
-            return self.tokenizer.apply_chat_template(messages, **kwargs)
 
     def get(kind: str, tokenizer):
         tiny = build_processor(VLM_OF[kind])  # its image processor and settings
@@ -80,6 +71,6 @@ def kind_processor():
             return tf.Gemma3Processor(image_processor=tiny.image_processor, tokenizer=tokenizer,
                                       image_seq_length=tiny.image_seq_length,
                                       chat_template=tokenizer.chat_template)
-        return ChatQwenVLProcessor(tiny.image_processor, tokenizer)
+        return QwenVLImageProcessor(tiny.image_processor, tokenizer)  # takes its chat template
 
     return get

@@ -98,6 +98,15 @@ def _evaluate(info: RunInfo, engine: MergeEngine) -> None:
     logged = {f"objective.{k}": v for k, v in info.values.items()}
     logged.update(info.metrics)
     print(format_comparison(logged, now))
+    for task, identity in result.tasks.items():
+        was = info.tasks.get(task)
+        if was is None:
+            print(f"task {task}: {identity} (the study logged no identity for it)")
+        elif was != identity:
+            print(f"warning: task {task} is not evaluated as the study did: logged {was}, "
+                  f"now {identity}", file=sys.stderr)
+        else:
+            print(f"task {task}: {identity} (as logged)")
 
 
 def format_comparison(logged: dict[str, float], now: dict[str, float]) -> str:

@@ -8,6 +8,7 @@ objects. `evaluate(model)` then only runs the model, so a search can call it hun
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -48,6 +49,7 @@ class EvalResult:
     objectives: dict[str, float]
     items: dict[str, list[ItemScore]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    tasks: dict[str, str] = field(default_factory=dict)  # task -> identity (Evaluator.identity)
 
     def to_json(self) -> dict:
         """A JSON-ready dict (NaN margins become None)."""
@@ -59,8 +61,8 @@ class EvalResult:
             t: [{**asdict(s), "margin": clean(s.margin)} for s in scores]
             for t, scores in self.items.items()
         }
-        return {"metrics": self.metrics, "objectives": self.objectives, "items": items,
-                "seconds": self.seconds}
+        return {"metrics": self.metrics, "objectives": self.objectives, "tasks": self.tasks,
+                "items": items, "seconds": self.seconds}
 
 
 def _item_score(task: str, item: Item, scores: list[float]) -> ItemScore:
@@ -110,6 +112,7 @@ class Evaluator:
         self.device = device
         self._encoded: dict[tuple[str, int, str], tuple[dict[str, torch.Tensor], list[list[int]]]] = {}
         self._subsets = {t.name: t.subset_indices() for t in tasks if t.kind != "lm_eval"}
+        self._identity: dict[str, str] | None = None
         lm_tasks = [t for t in tasks if t.kind == "lm_eval"]
         self._lmeval = None
         if lm_tasks:
@@ -154,7 +157,7 @@ class Evaluator:
         """The item's prefix inputs and its choices' continuation ids, encoded once."""
         key = (task.name, item.index, mtype)
         if key not in self._encoded:
-            prompt = image_prompt(self.processor, item.question)
+            prompt = image_prompt(self.processor, item.question, chat_template=task.chat_template)
             self._encoded[key] = encode_choices(self.processor, item.load_image(), prompt,
                                                 item.choices, model_type=mtype)
         return self._encoded[key]
@@ -223,7 +226,8 @@ class Evaluator:
 
             bar = tqdm(total=sum(len(s) for s in slices.values()), desc="eval", unit="item")
         t_all = time.perf_counter()
-        result = EvalResult(metrics={}, objectives={})
+        identity = self.identity()
+        result = EvalResult(metrics={}, objectives={}, tasks={n: identity[n] for n in slices})
         was_training = model.training
         model.eval()
         try:
@@ -245,6 +249,31 @@ class Evaluator:
         result.objectives = self.objective_values(
             {t: m[self.tasks[t].primary_metric] for t, m in result.metrics.items()})
         return result
+
+    def identity(self) -> dict[str, str]:
+        """Each task's identity, as logged beside its scores: version, kind, protocol and, for
+        image tasks, a digest of the exact prompts the model is shown (chat template included),
+        so that scores from different prompts are never compared by accident.
+
+        Example:
+            >>> evaluator.identity()["demo_color_shape_val"]  # doctest: +SKIP
+            'v1 image_choice plain prompts:3f0c2a9b1d4e'
+        """
+        if self._identity is None:
+            self._identity = {}
+            for name, task in self.tasks.items():
+                if task.kind == "lm_eval":
+                    self._identity[name] = f"v{task.version} lm_eval:{task.lm_eval_task}"
+                    continue
+                prompts = [image_prompt(self.processor, task.items[i].question,
+                                        chat_template=task.chat_template)
+                           for i in self._subsets[name]]
+                chat = task.chat_template is not False and bool(
+                    getattr(self.processor, "chat_template", None))
+                digest = hashlib.sha256("\0".join(prompts).encode()).hexdigest()[:12]
+                self._identity[name] = (f"v{task.version} {task.kind} "
+                                        f"{'chat' if chat else 'plain'} prompts:{digest}")
+        return self._identity
 
     def objective_values(self, primary: Mapping[str, float]) -> dict[str, float]:
         """Each objective from task name → primary metric: the weighted mean of its tasks.

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from vlmexp.errors import EvalError
+
 ANSWER_DELIMITER = " "  # lm-eval's default `target_delimiter`
 
 
@@ -37,21 +39,27 @@ def split_context(prompt: str, answer: str) -> tuple[str, str]:
     return context, prompt[len(context):] + answer
 
 
-def image_prompt(processor: Any, question: str) -> str:
+def image_prompt(processor: Any, question: str, *, chat_template: bool | None = None) -> str:
     """The prompt text (with the processor's image placeholder, unexpanded) for one image question.
 
-    Uses the processor's chat template when it has one, else `"<image>\\n{question}\\nAnswer:"`
-    with the processor's own image token (wrapped in its `vision_start_token` / `vision_end_token`
-    when it has both, as Qwen-VL's image pads must be).
+    With the processor's chat template (`chat_template` None: when it has one; True: required)
+    the user turn holds the image and the question, and the generation prompt is added;
+    otherwise (`False`, or no template) `"<image>\n{question}\nAnswer:"` with the processor's
+    own image token (wrapped in its `vision_start_token` / `vision_end_token` when it has both,
+    as Qwen-VL's image pads must be).
 
     Example:
         >>> class P:  # a processor without a chat template
         ...     image_token = "<image>"
         ...     chat_template = None
         >>> image_prompt(P(), "What colour is the shape?")
-        '<image>\\nWhat colour is the shape?\\nAnswer:'
+        '<image>\nWhat colour is the shape?\nAnswer:'
     """
-    if getattr(processor, "chat_template", None):
+    has_template = bool(getattr(processor, "chat_template", None))
+    if chat_template and not has_template:
+        raise EvalError(f"chat_template: true, but the {type(processor).__name__} has no chat "
+                        f"template")
+    if has_template and chat_template is not False:
         messages = [
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
         ]

@@ -6,6 +6,8 @@ version: 1
 kind: image_choice                # image_choice | caption_retrieval | lm_eval
 source: {type: jsonl, path: color_shape_val.jsonl}   # relative to this YAML's folder
 prompt: "{question}"              # format string over the item's fields -> question text
+chat_template: auto               # auto: the processor's chat template when it has one;
+                                  # false: a plain prompt (base models); true: require one
 subset: {size: 64, seed: 0}       # seeded shuffle, then the first `size`; omit for all
 ```
 
@@ -48,6 +50,7 @@ from vlmexp.errors import EvalError
 KINDS = ("image_choice", "caption_retrieval", "lm_eval")
 SOURCES = ("jsonl", "datasets", "tsv")
 PRIMARY_METRIC = {"image_choice": "acc", "caption_retrieval": "recall@1"}
+CHAT_TEMPLATE = {"auto": None, True: True, False: False}  # YAML value -> image_prompt's switch
 DEFAULT_CAPTION_PROMPT = "Describe the image."
 
 
@@ -93,6 +96,7 @@ class Task:
     kind: str
     path: Path
     prompt: str = "{question}"
+    chat_template: bool | None = None  # None: the processor's template when it has one
     subset_size: int | None = None
     subset_seed: int = 0
     metric: str = "acc"
@@ -151,6 +155,13 @@ def load_task(path: str | Path) -> Task:
         subset_size=None if size is None else int(size), subset_seed=int(subset.get("seed", 0)),
         metric=str(spec.get("metric", "acc")),
     )
+    template = spec.get("chat_template", "auto")
+    if kind == "lm_eval" and "chat_template" in spec:
+        raise _fail(path, "chat_template: lm_eval tasks are prompted by lm-eval; remove the key")
+    if template not in CHAT_TEMPLATE or isinstance(template, (int, float)) and not isinstance(
+            template, bool):
+        raise _fail(path, f"chat_template: {template!r} is not one of auto, true, false")
+    task.chat_template = CHAT_TEMPLATE[template]
     if kind == "lm_eval":
         if "lm_eval_task" not in spec:
             raise _fail(path, "missing key 'lm_eval_task'")

@@ -34,6 +34,8 @@ BEST_TRIAL, BEST_RUN = "vlmexp.best_trial", "vlmexp.best_run"
 PARETO_TRIALS, PARETO_RUNS = "vlmexp.pareto_trials", "vlmexp.pareto_runs"
 EXPERIMENT_KIND = "vlmexp.kind"
 PARENT = "mlflow.parentRunId"
+# parent-run param prefix of each evaluation task's identity (version, protocol, prompt digest)
+TASK_PREFIX = "task."
 # metric keys vlmexp writes itself; every other metric of a trial run is a task metric
 OWN_METRIC_PREFIXES = ("objective.", "seconds.", "intermediate.", "test.")
 

@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -32,6 +32,7 @@ from vlmexp.search.mlflow_store import (
     PARETO_RUNS,
     ROLE,
     STATE,
+    TASK_PREFIX,
     TRIAL,
     as_tracking_error,
     direction,
@@ -60,6 +61,7 @@ class RunInfo:
     trial: int | None = None
     state: str | None = None
     tracking_uri: str = DEFAULT_URI
+    tasks: dict[str, str] = field(default_factory=dict)  # task -> identity, from the study run
 
 
 def find_run(tracking_uri: str | None, *, run_id: str | None = None, best: bool = False,
@@ -91,6 +93,8 @@ def find_run(tracking_uri: str | None, *, run_id: str | None = None, best: bool 
             run = _best_run(client, uri, experiment)
         exp = client.get_experiment(run.info.experiment_id)
         rid = run.info.run_id
+        parent_id = run.data.tags.get(PARENT)
+        study_params = _get_run(client, parent_id, uri).data.params if parent_id else {}
         try:
             text = read_artifact(client, rid, "recipe.yaml")
         except Exception as err:
@@ -105,7 +109,9 @@ def find_run(tracking_uri: str | None, *, run_id: str | None = None, best: bool 
         values={k[len("objective."):]: v for k, v in metrics.items()
                 if k.startswith("objective.")},
         parent_run_id=tags.get(PARENT), trial=int(trial) if trial is not None else None,
-        state=tags.get(STATE), tracking_uri=uri)
+        state=tags.get(STATE), tracking_uri=uri,
+        tasks={k[len(TASK_PREFIX):]: v for k, v in study_params.items()
+               if k.startswith(TASK_PREFIX)})
 
 
 def load_study_config(tracking_uri: str | None, run_id: str) -> dict[str, Any]:

@@ -144,7 +144,8 @@ def setup(cfg: DictConfig) -> Setup:
     tracker = Tracker(tracking_uri=tracking["uri"], study_name=str(cfg.study_name),
                       experiment=tracking["experiment"] or str(cfg.study_name),
                       log_items=tracking["log_items"])
-    tracker.start(node, objectives=objectives, directions=["maximize"] * len(objectives))
+    tracker.start(node, objectives=objectives, directions=["maximize"] * len(objectives),
+                  tasks=evaluator.identity())
     return Setup(engine, evaluator, space, study, pruning, tracker, objectives)
 
 

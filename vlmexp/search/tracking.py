@@ -57,6 +57,7 @@ from vlmexp.search.mlflow_store import (
     ROLE,
     STATE,
     STUDY,
+    TASK_PREFIX,
     TRIAL,
     as_tracking_error,
     direction,
@@ -276,10 +277,12 @@ class Tracker:
 
     # ------------------------------------------------------------------ parent run
     def start(self, config: Mapping[str, Any], *, objectives: Sequence[str],
-              directions: Sequence[str]) -> str:
+              directions: Sequence[str], tasks: Mapping[str, str] | None = None) -> str:
         """Create (or, when resuming, re-use) the study's parent run and log the config.
 
-        The composed config goes to `config.yaml` and to flattened params. A resumed study whose
+        The composed config goes to `config.yaml` and to flattened params; each evaluation
+        task's identity (`Evaluator.identity`: version, protocol, prompt digest) to the param
+        `task.<name>`. A resumed study whose
         config changed keeps the first values as params, records the changed keys in the tag
         `vlmexp.config_changed` and the new config as `config.resumed-<time>.yaml`.
 
@@ -292,6 +295,8 @@ class Tracker:
         self.directions = [direction(d) for d in directions]
         plain = _plain(config)
         params = flatten_config(plain)
+        params.update({_key(f"{TASK_PREFIX}{name}"): _clip(identity, _MAX_PARAM)
+                       for name, identity in (tasks or {}).items()})
         text = yaml.safe_dump(plain, sort_keys=False, default_flow_style=False)
         tags = {ROLE: "study", STUDY: self.study_name, OBJECTIVES: ",".join(self.objectives),
                 DIRECTIONS: ",".join(self.directions)}
