@@ -254,8 +254,9 @@ class MergeEngine:
                                          f"tensor {name}")
                     self._dirty.add(name)
                     param = self._params[name].data
-                    param.copy_(self._base[name].to(math_dtype) + tv)
-                    self._check_finite(name, param)
+                    taken = self._base[name].to(math_dtype) + tv
+                    param.copy_(taken)
+                    self._check_finite(name, param, source=taken)
                     written += 1
                     continue
                 donors = [d for d in recipe.participants(comp) if name in self.task_vectors[d]]
@@ -342,13 +343,15 @@ class MergeEngine:
             if count:
                 raise MergeError(f"merged tensor {name}: {count} merged values are NaN or inf")
 
-    def _check_finite(self, name: str, t: torch.Tensor) -> None:
-        """Raise MergeError naming `name` when `t` has a NaN or an inf (on a GPU: at the end)."""
+    def _check_finite(self, name: str, t: torch.Tensor,
+                      source: torch.Tensor | None = None) -> None:
+        """Raise MergeError naming `name` when `t` has a NaN or an inf (on a GPU: at the end);
+        `source`: the math-dtype values `t` was cast from, to tell an overflow of `t`'s dtype."""
         if self._pending is not None and t.is_floating_point():
-            self._pending.append((name, t.sum()))
+            self._pending.append((name, t.sum(dtype=torch.float32)))
             return
         try:
-            methods.assert_finite(t)
+            methods.assert_finite(t, source=source)
         except MergeError as err:
             raise MergeError(f"merged tensor {name}: {err}") from None
 
