@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     engine = MergeEngine.from_recipe(recipe, device=args.device,
                                      check_digests=not args.no_digest_check)
     result = engine.apply(recipe)
-    save_model(engine.model, out, processor=engine.processor, source_dir=recipe.base.path,
+    save_model(engine.model, out, processor=engine.processor, source_dir=engine.sources["base"],
                force=args.force, native_layout=args.native_layout)
     pinned = engine.pin(recipe)
     pinned.save(out / "recipe.yaml")

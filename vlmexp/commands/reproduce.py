@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     elif result.weights_digest != info.weights_digest:
         raise TrackingError(f"{what}: rebuilt weights digest {result.weights_digest} does not "
                             f"match the logged {info.weights_digest}; nothing written")
-    save_model(engine.model, out, processor=engine.processor, source_dir=recipe.base.path,
+    save_model(engine.model, out, processor=engine.processor, source_dir=engine.sources["base"],
                force=args.force)
     engine.pin(recipe).save(out / "recipe.yaml")
     print(f"weights digest {result.weights_digest} "

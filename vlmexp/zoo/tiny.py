@@ -67,13 +67,16 @@ def _qwen_text(**kw) -> dict:
     )
 
 
-def qwen2_vl() -> torch.nn.Module:
+def qwen2_vl(tie_word_embeddings: bool = False) -> torch.nn.Module:
+    """A tiny Qwen2-VL; `tie_word_embeddings=True` shares the head with the token embeddings
+    (as the small real Qwen2-VL / Qwen2.5-VL checkpoints do)."""
+    tie = {"tie_word_embeddings": True} if tie_word_embeddings else {}
     cfg = tf.Qwen2VLConfig(
-        text_config=_qwen_text(),
+        text_config=_qwen_text(**tie),
         vision_config=dict(depth=2, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2,
                            patch_size=8, spatial_merge_size=2, temporal_patch_size=2),
         image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
-        vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+        vision_start_token_id=VISION_START, vision_end_token_id=VISION_END, **tie,
     )
     return tf.Qwen2VLForConditionalGeneration(cfg)
 
