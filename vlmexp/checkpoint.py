@@ -192,7 +192,7 @@ def _not_cached(name: str, repo_id: str, revision: str | None, cache: Path,
     from huggingface_hub.file_download import repo_folder_name
 
     why = "offline (HF_HUB_OFFLINE=1), so it cannot be fetched" if offline else (
-        "and the hub cannot be reached")
+        "the hub could not be reached to fetch it")
     snapshots = cache / repo_folder_name(repo_id=repo_id, repo_type="model") / "snapshots"
     cached = sorted(p.name for p in snapshots.iterdir()) if snapshots.is_dir() else []
     if not cached:
