@@ -15,6 +15,7 @@ def test_default_composition_is_the_demo_study():
     assert cfg.models.base == "zoo:base"
     assert set(cfg.models.donors) == {"vqa", "text"}
     assert cfg.models.donors.text.map == "llm_to_vlm"
+    assert (cfg.models.trust_remote_code, cfg.models.allow_pickle) == (False, False)
     assert cfg.merge.method == "task_arithmetic"
     assert cfg.search.objectives == ["combined"]
     assert set(cfg.eval.objectives) == {"vl", "text", "combined"}

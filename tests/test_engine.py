@@ -270,6 +270,40 @@ def test_deferred_finite_check_of_a_gpu_names_the_tensor_and_resets(family):
     assert engine.weights_digest() == before
 
 
+@pytest.mark.parametrize("deferred", [False, True], ids=["cpu", "deferred"])
+def test_an_fp16_merge_that_overflows_fp16_names_the_tensor_and_resets(family, deferred):
+    # the math runs in float32, where 60000 + 60000 is fine; float16 holds at most 65504, so the
+    # cast back to the model's dtype makes an inf that must not reach the checkpoint
+    base = copy.deepcopy(family["base"]).half()
+    donors = {}
+    for name in ("a", "b"):
+        donor = copy.deepcopy(family["base"]).half()
+        with torch.no_grad():
+            donor.model.multi_modal_projector.linear_2.bias[5] = 60000.0
+            donor.model.multi_modal_projector.linear_1.weight.add_(0.01)
+        donors[name] = donor
+    with torch.no_grad():
+        base.model.multi_modal_projector.linear_2.bias[5] = 0.0
+    engine = MergeEngine(base, donors, progress=False)
+    engine._defer_checks = deferred
+    before = engine.weights_digest()
+    r = Recipe.from_dict({"method": "task_arithmetic", "base": {"path": "b"},
+                          "donors": [{"name": "a", "path": "a"}, {"name": "b", "path": "b"}],
+                          "components": {"projector": {"a": {"weight": 1.0},
+                                                       "b": {"weight": 1.0}}}})
+    name = r"model\.multi_modal_projector\.linear_2\.bias: 1 merged values"
+    detail = r" are NaN or inf" if deferred else (
+        r" overflow float16 \(largest magnitude 120000, float16 holds ±65504\)")
+    with pytest.raises(MergeError, match=name + detail):
+        engine.apply(r)
+    assert engine.weights_digest() == before
+    half = r.to_dict()
+    half["components"]["projector"] = {"a": {"weight": 0.5}, "b": {"weight": 0.5}}
+    engine.apply(Recipe.from_dict(half))  # 60000 fits: no error
+    assert engine.model.model.multi_modal_projector.linear_2.bias[5].item() == 60000.0
+    assert engine.model.model.multi_modal_projector.linear_2.bias.dtype == torch.float16
+
+
 def test_recipe_naming_an_unloaded_donor_or_wrong_digest_is_refused(engine, family):
     r = Recipe.from_dict({"method": "task_arithmetic", "base": {"path": "b"},
                           "donors": [{"name": "ocr", "path": "o"}],

@@ -44,6 +44,49 @@ def test_round_trip_and_hash_stability():
     assert Recipe.from_dict(changed).content_hash() != r.content_hash()
 
 
+# base_dict()'s hash and YAML before recipes could record a revision: folder recipes keep both
+FOLDER_RECIPE_HASH = "47f9d5da553998a9ef98ce919a427bb2ea561423d2272dfba9cef7d1bbbd6995"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def test_a_folder_recipe_has_no_revision_and_the_hash_it_always_had():
+    r = Recipe.from_dict(base_dict())
+    assert r.content_hash() == FOLDER_RECIPE_HASH
+    assert "revision" not in r.to_yaml()
+    assert r.to_yaml().splitlines()[2] == "base: {path: models/base, weights_sha256: " + "a" * 64 + "}"
+    assert r.base.revision is None and all(d.revision is None for d in r.donors)
+
+
+def test_a_hub_revision_round_trips_and_counts_in_the_hash():
+    hub = base_dict(base={"path": "org/base", "revision": COMMIT, "weights_sha256": "a" * 64})
+    r = Recipe.from_dict(hub)
+    assert r.base.revision == COMMIT
+    assert r.to_yaml().splitlines()[2] == (
+        f"base: {{path: org/base, revision: {COMMIT}, weights_sha256: {'a' * 64}}}")
+    again = Recipe.from_yaml_text(r.to_yaml())
+    assert again.base.revision == COMMIT and again.content_hash() == r.content_hash()
+    # the digest pins the weights, so the path drops out of the hash; the revision does not
+    other_path = base_dict(base={"path": "org/renamed", "revision": COMMIT,
+                                 "weights_sha256": "a" * 64})
+    assert Recipe.from_dict(other_path).content_hash() == r.content_hash()
+    other_commit = base_dict(base={"path": "org/base", "revision": "f" * 40,
+                                   "weights_sha256": "a" * 64})
+    assert Recipe.from_dict(other_commit).content_hash() != r.content_hash()
+    assert r.content_hash() != FOLDER_RECIPE_HASH
+    assert r.flat_params()["base.revision"] == COMMIT
+
+
+def test_with_revisions_sets_only_the_named_models():
+    r = Recipe.from_dict(base_dict())
+    pinned = r.with_revisions({"base": COMMIT, "vqa": None})
+    assert pinned.base.revision == COMMIT
+    assert [d.revision for d in pinned.donors] == [None, None]
+    assert pinned.with_revisions({}).to_dict() == pinned.to_dict()
+    assert r.to_dict() == Recipe.from_dict(base_dict()).to_dict()  # r itself is unchanged
+    with pytest.raises(RecipeError, match=r"base\.revision: 5 is not a revision"):
+        Recipe.from_dict(base_dict(base={"path": "org/base", "revision": 5}))
+
+
 def test_schedule_interpolates_like_mergekit_gradient():
     knots = [0.1, 0.6, 0.9]
     assert schedule_value(knots, 0.0) == pytest.approx(0.1)

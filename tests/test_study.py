@@ -8,6 +8,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+import yaml
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
@@ -136,3 +137,70 @@ def test_two_objectives_make_a_pareto_study(tmp_path, models, monkeypatch):
     parent = [r for r in client.search_runs([exp.experiment_id])
               if r.data.tags.get("vlmexp.role") == "study"][0]
     assert parent.data.metrics["pareto.size"] == len(front)
+
+
+# ---------------------------------------------------------------------- models node → loaders
+
+
+def test_hub_ids_in_the_models_node_resolve_to_the_commits_that_recipes_record(
+        tmp_path, models, monkeypatch):
+    from vlmexp.search.space import SearchSpace
+    from vlmexp.search.study import resolve_models
+    from vlmexp.zoo.hub import lay_out_hub_cache
+
+    hub = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HOME", str(hub.parent))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    commit = lay_out_hub_cache(hub, "org/base", models["base"])
+    node = OmegaConf.to_container(config(tmp_path, models, "models.base=org/base@main"))
+    base, donors = resolve_models(node["models"])
+    assert (base.path, base.revision) == ("org/base@main", commit)
+    assert [(d.path, d.revision) for d in donors] == [(str(models["vqa"]), None),
+                                                      (str(models["text"]), None)]
+    recipe = SearchSpace(node["space"], node["merge"], base, donors).baselines()[0][1]
+    assert recipe.base.revision == commit and f"revision: {commit}" in recipe.to_yaml()
+    assert "revision" not in yaml.safe_load(recipe.to_yaml())["donors"][0]
+
+
+def test_setup_hands_the_models_opt_ins_to_setup_engine(tmp_path, models, monkeypatch):
+    import vlmexp.search.study as study
+
+    class Stop(Exception):
+        pass
+
+    seen: dict = {}
+
+    def fake_setup_engine(base, donors, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(study, "setup_engine", fake_setup_engine)
+    for on in (False, True):
+        extra = [f"models.trust_remote_code={on}", f"models.allow_pickle={not on}"]
+        with pytest.raises(Stop):
+            study.setup(config(tmp_path, models, "device=cpu", *extra))
+        assert (seen["trust_remote_code"], seen["allow_pickle"]) == (on, not on)
+
+
+def test_setup_engine_opens_a_pickle_donor_only_with_allow_pickle(tmp_path, models):
+    import shutil
+
+    from vlmexp.checkpoint import open_model
+    from vlmexp.errors import CheckpointError
+    from vlmexp.merge.recipe import ModelRef
+    from vlmexp.search.study import setup_engine
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(models["vqa"], pickled)
+    (pickled / "model.safetensors").unlink()
+    vqa = open_model(models["vqa"], load_processor=False).model
+    torch.save(vqa.state_dict(), pickled / "pytorch_model.bin")
+    base, donors = ModelRef("base", str(models["base"])), [ModelRef("vqa", str(pickled))]
+    with pytest.raises(CheckpointError, match=r"models\.allow_pickle=true"):
+        setup_engine(base, donors, device="cpu", vocab="error")
+    engine = setup_engine(base, donors, device="cpu", vocab="error", allow_pickle=True)
+    assert engine.input_digest("vqa") == engine.input_digest("vqa") != engine.input_digest("base")
+    from vlmexp.checkpoint import weights_sha256
+
+    assert engine.input_digest("vqa") == weights_sha256(vqa)

@@ -1,5 +1,8 @@
-"""Open a model folder (safetensors only by default) and its processor; save one atomically.
+"""Open a model folder or hub id (safetensors only by default) and its processor; save one atomically.
 
+A model is named by a folder or a hub id, `org/name` or `org/name@revision`; `resolve_model` is
+the one place that turns a name into the folder to read (a hub id: its snapshot in the Hugging
+Face cache, fetched first unless offline) and the commit it resolved to, which recipes record.
 A model folder is the Hugging Face layout: `config.json`, one `model.safetensors` or sharded
 safetensors with `model.safetensors.index.json`, and processor/tokenizer files. transformers 5
 writes LLaVA-like and Qwen-VL checkpoints under legacy key names by default and renames them on
@@ -49,7 +52,29 @@ _ST_DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
     "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+# `org/name` (or a bare legacy `name`), optionally `@revision`: a branch, tag or commit hash.
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.\-]*(?:/[\w.\-]+)?)(?:@(?P<revision>[\w.\-/]+))?$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_OFFLINE_VALUES = ("1", "ON", "YES", "TRUE")
+# How users turn the two opt-ins on, wherever an error asks for one: argument, flag, config key.
+_TRUST_HOW = "trust_remote_code=True (--trust-remote-code, models.trust_remote_code=true)"
+_PICKLE_HOW = "allow_pickle=True (--allow-pickle, models.allow_pickle=true)"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where the model a name stands for lies on this machine (see `resolve_model`)."""
+
+    folder: Path  # the folder to read: the named folder, or the hub snapshot's folder
+    spec: str  # the name as given: a folder, `org/name` or `org/name@revision`
+    revision: str | None = None  # the commit a hub id resolved to; None for a folder
+
+    @property
+    def pinned(self) -> str:
+        """The name that opens this very snapshot again: `org/name@<commit>`, or the folder."""
+        if self.revision is None:
+            return self.spec
+        return f"{self.spec.split('@', 1)[0]}@{self.revision}"
 
 
 @dataclass
@@ -58,8 +83,9 @@ class LoadedModel:
 
     model: torch.nn.Module  # eval mode, on the requested device
     processor: Any | None  # AutoProcessor, else AutoTokenizer, else None (no processor files)
-    path: str  # the folder (or hub id)
+    path: str  # the name it was opened by: a folder or a hub id
     config: Any  # model.config
+    source: ResolvedModel  # the folder read and, for a hub id, the commit
 
 
 def resolve_device(device: str | None = None) -> str:
@@ -74,16 +100,121 @@ def resolve_device(device: str | None = None) -> str:
     return device
 
 
+def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
+    """(repo id, revision or None) when `spec` is written as a hub id, else None.
+
+    Example:
+        >>> parse_hub_id("org/name@main")
+        ('org/name', 'main')
+        >>> parse_hub_id("/models/base") is None
+        True
+    """
+    match = _HUB_ID.match(spec)
+    return (match["repo"], match["revision"]) if match else None
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment now (HF_HUB_CACHE, else HF_HOME/hub),
+    not when huggingface_hub was imported, so that a test or a caller may point it elsewhere.
+
+    Example:
+        >>> hub_cache_dir().name                                 # doctest: +SKIP
+        'hub'
+    """
+    from huggingface_hub import constants
+
+    env = os.environ
+    raw = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
+    if not raw and env.get("HF_HOME"):
+        raw = os.path.join(env["HF_HOME"], "hub")
+    return Path(os.path.expandvars(raw or constants.HF_HUB_CACHE)).expanduser()
+
+
+def resolve_model(
+    spec: str | os.PathLike, revision: str | None = None, *, allow_pickle: bool = False
+) -> ResolvedModel:
+    """The folder a model name stands for: the folder itself, or a hub id's cached snapshot.
+
+    An existing folder is used as it is (revision None). Otherwise `spec` must be a hub id,
+    `org/name` or `org/name@revision`: its snapshot is looked up in the Hugging Face cache
+    (`hub_cache_dir()`), and fetched first when online (safetensors, configs, tokenizer and
+    processor files, shipped code; pickles only with `allow_pickle`). With HF_HUB_OFFLINE=1 a
+    cached snapshot resolves and any other is a one-line CheckpointError naming the cache.
+    `revision` is a commit a recipe recorded: it wins over a branch or tag in `spec`, so that a
+    recipe built from `org/name` opens the same snapshot after `main` has moved on.
+
+    Example:
+        >>> resolve_model("models/base").revision is None        # doctest: +SKIP
+        True
+        >>> resolve_model("org/name@main").pinned                # doctest: +SKIP
+        'org/name@0123456789abcdef0123456789abcdef01234567'
+    """
+    name = os.fspath(spec)
+    if revision is None:
+        path = Path(name).expanduser()
+        if path.exists():
+            if not path.is_dir():
+                raise CheckpointError(f"{path}: not a model folder (a file, not a folder)")
+            return ResolvedModel(folder=path, spec=name)
+    parsed = parse_hub_id(name)
+    if parsed is None:
+        if revision is not None:
+            raise CheckpointError(f"{name}: has revision {revision}, but is not a hub id "
+                                  f"(org/name)")
+        raise CheckpointError(f"{name}: no such model folder")
+    repo_id, asked = parsed
+    if revision is not None and asked is not None and _COMMIT.match(asked) and asked != revision:
+        raise CheckpointError(f"{name}: names commit {asked} but revision {revision} is "
+                              f"recorded for it")
+    wanted = revision or asked
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = hub_cache_dir()
+    offline = _offline()
+    patterns = ["*.json", "*.jinja", "*.txt", "*.model", "*.py", "*.safetensors", "*.md"]
+    if allow_pickle:
+        patterns.append("*.bin")
+    try:
+        folder = Path(snapshot_download(repo_id, revision=wanted, cache_dir=cache,
+                                        local_files_only=offline, allow_patterns=patterns))
+    except LocalEntryNotFoundError as err:
+        raise CheckpointError(_not_cached(name, repo_id, wanted, cache, offline)) from err
+    except Exception as err:  # network, auth, unknown repo or revision: one line naming the id
+        raise CheckpointError(f"{name}: cannot fetch from the hub: {one_line(err)}") from err
+    commit = folder.name if _COMMIT.match(folder.name) else wanted
+    return ResolvedModel(folder=folder, spec=name, revision=commit)
+
+
+def _not_cached(name: str, repo_id: str, revision: str | None, cache: Path,
+                offline: bool) -> str:
+    """The one line saying that a hub id (at `revision`) is not in the cache, and where it is."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    why = "offline (HF_HUB_OFFLINE=1), so it cannot be fetched" if offline else (
+        "the hub could not be reached to fetch it")
+    snapshots = cache / repo_folder_name(repo_id=repo_id, repo_type="model") / "snapshots"
+    cached = sorted(p.name for p in snapshots.iterdir()) if snapshots.is_dir() else []
+    if not cached:
+        return (f"{name}: no such model folder, and {repo_id} is not in the Hugging Face cache "
+                f"({cache}); {why}")
+    shown = ", ".join(c[:12] for c in cached[:3]) + (" …" if len(cached) > 3 else "")
+    return (f"{name}: revision {revision or 'main'} of {repo_id} is not in the Hugging Face "
+            f"cache ({cache}; cached commits: {shown}); {why}")
+
+
 def open_model(
     path_or_id: str | os.PathLike,
     *,
+    revision: str | None = None,
     device: str = "cpu",
     dtype: torch.dtype | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     load_processor: bool = True,
 ) -> LoadedModel:
-    """Open a model folder (or a hub id, when online and no such folder exists) in eval mode.
+    """Open a model folder or hub id (see `resolve_model`; `revision`: a recorded commit) in eval
+    mode.
 
     The Auto class follows the config: image-text-to-text, else vision2seq, else causal LM.
     `dtype=None` keeps the checkpoint's dtype. Every tensor must load: a missing, unexpected or
@@ -94,8 +225,8 @@ def open_model(
         >>> loaded.model.training                                 # doctest: +SKIP
         False
     """
-    name = os.fspath(path_or_id)
-    folder = _local_folder(name, allow_pickle=allow_pickle)
+    source = resolve_model(path_or_id, revision, allow_pickle=allow_pickle)
+    folder = source.folder
     weights = _check_weights(folder, allow_pickle=allow_pickle)
     config = _load_config(folder, trust_remote_code=trust_remote_code)
     auto_class = _auto_class(config, folder / "config.json", trust_remote_code=trust_remote_code)
@@ -112,11 +243,16 @@ def open_model(
         raise CheckpointError(f"{folder}: cannot load weights: {one_line(err)}") from err
     _check_loading_info(weights, info)
     model = model.to(resolve_device(device)).eval()
-    processor = _load_processor(folder) if load_processor else None
-    return LoadedModel(model=model, processor=processor, path=name, config=model.config)
+    processor = (
+        _load_processor(folder, trust_remote_code=trust_remote_code) if load_processor else None
+    )
+    return LoadedModel(model=model, processor=processor, path=source.spec, config=model.config,
+                       source=source)
 
 
-def load_processor(path: str | os.PathLike) -> Any | None:
+def load_processor(
+    path: str | os.PathLike, revision: str | None = None, *, trust_remote_code: bool = False
+) -> Any | None:
     """The processor every command uses for a checkpoint; None when it has no processor files.
 
     The checkpoint's own class (AutoProcessor) wherever it constructs. Where it cannot be built
@@ -130,15 +266,14 @@ def load_processor(path: str | os.PathLike) -> Any | None:
     """
     from transformers import AutoProcessor, AutoTokenizer
 
-    folder = Path(path)
-    source = folder if folder.is_dir() else os.fspath(path)
-    if folder.is_dir() and not any((folder / f).exists() for f in _PROCESSOR_FILES):
+    folder = resolve_model(path, revision).folder
+    if not any((folder / f).exists() for f in _PROCESSOR_FILES):
         return None
     try:
-        return AutoProcessor.from_pretrained(source)
+        return AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as processor_err:  # any failure: try the tokenizer alone
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         except Exception as err:
             raise CheckpointError(
                 f"{path}: cannot load processor ({one_line(processor_err)}) "
@@ -170,7 +305,7 @@ def save_model(
     out_dir: str | os.PathLike,
     *,
     processor: Any | None = None,
-    source_dir: str | os.PathLike | None = None,
+    source_dir: str | os.PathLike | ResolvedModel | None = None,
     force: bool = False,
     native_layout: bool = False,
     max_shard_size: str = "2GB",
@@ -179,8 +314,11 @@ def save_model(
 
     Everything goes into a temporary folder beside `out_dir` that is renamed into place once
     complete; a failure leaves nothing at `out_dir` (or the old folder untouched with `force`).
-    Processor files come from `processor.save_pretrained`; then every file of `source_dir` not
-    yet written is copied, except weights, indexes, `config.json` and `generation_config.json`.
+    Processor files come from `processor.save_pretrained`; then every file of `source_dir` (a
+    folder, a hub id, or the `ResolvedModel` a model was opened from, so a hub snapshot's files
+    come from the very snapshot) not yet written is copied, except weights, indexes,
+    `config.json` and `generation_config.json`. Weights keep the model's dtype (its config's
+    `dtype`); more than `max_shard_size` of them are written as shards with an index.
     `native_layout=True` writes in-memory key names; the default writes transformers' legacy names.
 
     Example:
@@ -190,6 +328,8 @@ def save_model(
     out = Path(out_dir)
     if out.exists() and not force:
         raise CheckpointError(f"{out}: already exists; pass force=True (--force) to replace it")
+    source = source_dir if isinstance(source_dir, ResolvedModel) or source_dir is None else (
+        resolve_model(source_dir))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -198,8 +338,8 @@ def save_model(
         )
         if processor is not None:
             processor.save_pretrained(tmp)
-        if source_dir is not None:  # fills in what the processor did not write (README, templates)
-            _copy_non_weight_files(Path(source_dir), tmp)
+        if source is not None:  # fills in what the processor did not write (README, templates)
+            _copy_non_weight_files(source.folder, tmp)
         _replace(tmp, out)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -243,17 +383,18 @@ def weights_sha256(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor])
 
 
 def folder_weights_sha256(
-    path: str | os.PathLike, *, allow_pickle: bool = False, trust_remote_code: bool = False
+    path: str | os.PathLike, revision: str | None = None, *, allow_pickle: bool = False,
+    trust_remote_code: bool = False,
 ) -> str:
-    """`weights_sha256` of the model at `path`: this loads the whole model (on the CPU).
+    """`weights_sha256` of the model `path` names (a folder or hub id, see `resolve_model`): this
+    loads the whole model (on the CPU).
 
     Example:
         >>> folder_weights_sha256("models/base")                # doctest: +SKIP
         '3f1c…'
     """
-    loaded = open_model(
-        path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, load_processor=False
-    )
+    loaded = open_model(path, revision=revision, allow_pickle=allow_pickle,
+                        trust_remote_code=trust_remote_code, load_processor=False)
     return weights_sha256(loaded.model)
 
 
@@ -264,32 +405,7 @@ def _offline() -> bool:
     from huggingface_hub import constants
 
     flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
-    return constants.HF_HUB_OFFLINE or any(f.upper() in ("1", "ON", "YES", "TRUE") for f in flags)
-
-
-def _local_folder(name: str, *, allow_pickle: bool) -> Path:
-    """The folder to open: `name` itself, or the snapshot of hub id `name` when online."""
-    path = Path(name).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: not a model folder (a file, not a folder)")
-        return path
-    if not _HUB_ID.match(name):
-        raise CheckpointError(f"{name}: no such model folder")
-    if _offline():
-        raise CheckpointError(
-            f"{name}: no such model folder, and hub ids cannot be fetched offline "
-            "(HF_HUB_OFFLINE=1)"
-        )
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.jinja", "*.txt", "*.model", "*.py", "*.safetensors"]
-    if allow_pickle:
-        patterns.append("*.bin")
-    try:
-        return Path(snapshot_download(name, allow_patterns=patterns))
-    except Exception as err:  # network, auth, unknown repo: all one line naming the id
-        raise CheckpointError(f"{name}: cannot fetch from the hub: {one_line(err)}") from err
+    return constants.HF_HUB_OFFLINE or any(f.upper() in _OFFLINE_VALUES for f in flags)
 
 
 def _check_weights(folder: Path, *, allow_pickle: bool) -> Path:
@@ -313,25 +429,34 @@ def _check_weights(folder: Path, *, allow_pickle: bool) -> Path:
     if pickles and not allow_pickle:
         raise CheckpointError(
             f"{pickles[0]}: pickle-only checkpoint; loading it can run arbitrary code, "
-            "opt in with allow_pickle=True (--allow-pickle)"
+            f"opt in with {_PICKLE_HOW}"
         )
     if pickles:
         return pickles[-1]  # the index when there is one
     raise CheckpointError(f"{folder}: no weights ({SAFE_WEIGHTS} or {SAFE_INDEX})")
 
 
-def stored_tensor_names(folder: str | os.PathLike) -> set[str]:
-    """The tensor names a local safetensors checkpoint stores (headers only, no weights read).
+def stored_tensor_names(
+    path: str | os.PathLike, revision: str | None = None, *, allow_pickle: bool = False
+) -> set[str]:
+    """The tensor names the checkpoint `path` names stores (a folder or hub id, see
+    `resolve_model`): safetensors headers or an index only, no weights read; a single pickle
+    file (only with `allow_pickle`) is memory-mapped, its tensors are not read either.
 
     transformers' default save writes LLaVA-like models under legacy names (e.g.
     `language_model.model.layers.0…`), which differ from the in-memory ones
     (`model.language_model.layers.0…`); tools that read the files, not transformers, see these.
     """
-    folder = Path(folder)
-    weights = _check_weights(folder, allow_pickle=False)
-    if weights.name == SAFE_INDEX:
+    folder = resolve_model(path, revision, allow_pickle=allow_pickle).folder
+    weights = _check_weights(folder, allow_pickle=allow_pickle)
+    if weights.name.endswith(".index.json"):
         return set(json.loads(weights.read_text())["weight_map"])
-    return _check_shard(weights)
+    if weights.name.endswith(".safetensors"):
+        return _check_shard(weights)
+    try:
+        return set(torch.load(weights, map_location="cpu", mmap=True, weights_only=True))
+    except Exception as err:  # a pickle that is not a plain state dict
+        raise CheckpointError(f"{weights}: cannot read its tensor names ({one_line(err)})") from err
 
 
 def _check_index(folder: Path, index: Path) -> None:
@@ -402,10 +527,10 @@ def _load_config(folder: Path, *, trust_remote_code: bool) -> Any:
     has_code = isinstance(raw, dict) and "auto_map" in raw
     if model_type not in CONFIG_MAPPING and not (has_code and trust_remote_code):
         hint = (
-            "it ships its own code: pass trust_remote_code=True (--trust-remote-code) to run it"
+            f"it ships its own code: pass {_TRUST_HOW} to run it"
             if has_code else
-            "upgrade transformers, or pass trust_remote_code=True (--trust-remote-code) if the "
-            "folder ships its own modeling code"
+            f"upgrade transformers, or pass {_TRUST_HOW} if the folder ships its own modeling "
+            "code"
         )
         raise CheckpointError(
             f"{config_file}: architecture model_type={model_type!r} is unknown to "
@@ -453,7 +578,7 @@ def _auto_class(config: Any, config_file: Path, *, trust_remote_code: bool) -> A
         return known[0][0]
     named = ", ".join(sorted(architectures)) or "no architectures"
     hint = "" if trust_remote_code else (
-        "; if it ships its own code pass trust_remote_code=True (--trust-remote-code)"
+        f"; if it ships its own code pass {_TRUST_HOW}"
     )
     raise CheckpointError(
         f"{config_file}: {type(config).__name__} ({named}) is neither an image-text-to-text "

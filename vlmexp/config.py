@@ -36,9 +36,13 @@ class DonorConfig:
 
 @dataclass
 class ModelsConfig:
-    base: str = "???"  # a folder, a hub id, or zoo:NAME (the demo zoo, built on first use)
+    # a folder, a hub id (org/name or org/name@revision, through the Hugging Face cache), or
+    # zoo:NAME (the demo zoo, built on first use)
+    base: str = "???"
     donors: dict[str, DonorConfig] = field(default_factory=dict)
     zoo_dir: str | None = None  # where the demo zoo is cached (default .vlmexp_cache/zoo)
+    trust_remote_code: bool = False  # run modeling code a checkpoint ships (off: refuse it)
+    allow_pickle: bool = False  # open pickle-only (.bin) checkpoints, which can run code
 
 
 @dataclass

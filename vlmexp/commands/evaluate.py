@@ -2,8 +2,8 @@
 
 Scores a model on evaluation tasks (image-text and lm-eval), prints a table per task and per
 objective and writes the same, with per-item results, as JSON. MODEL is a checkpoint folder
-(opened with `vlmexp.checkpoint.open_model`), a recipe YAML (merged in memory first, from its
-base and donor folders) or `tiny:NAME` (a tiny random model with its tiny processor). Tasks come from `--tasks` (YAML files or folders), from `--eval-config`, a YAML with `tasks`,
+or hub id (`org/name[@revision]`, opened with `vlmexp.checkpoint.open_model`), a recipe YAML
+(merged in memory first, from its base and donors) or `tiny:NAME` (a tiny random model with its tiny processor). Tasks come from `--tasks` (YAML files or folders), from `--eval-config`, a YAML with `tasks`,
 `objectives` and `batch_size` (paths relative to that file), or else from the `eval` group of
 `conf/` with Hydra overrides (`eval=demo`, the default; `--test` for its held-out tasks).
 
@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vlmexp.commands import add_model_flags
 from vlmexp.errors import CheckpointError, EvalError
 
 if TYPE_CHECKING:
@@ -32,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "evaluate", help="score a model on evaluation tasks and objectives",
         description=__doc__.splitlines()[0])
-    p.add_argument("model", metavar="MODEL", help="model folder, recipe YAML or tiny:NAME")
+    p.add_argument("model", metavar="MODEL",
+                   help="model folder, hub id, recipe YAML or tiny:NAME")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="without --tasks/--eval-config: the eval group of conf/ (e.g. eval=demo)")
     p.add_argument("--test", action="store_true",
@@ -45,27 +47,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, auto (default cpu)")
     p.add_argument("--start", type=int, default=0, help="first item of each task's subset")
     p.add_argument("--stop", type=int, default=None, help="end of the items of each subset")
+    add_model_flags(p)
     p.set_defaults(run=run)
 
 
-def load_model(spec: str, device: str = "cpu") -> tuple[torch.nn.Module, Any]:
+def load_model(spec: str, device: str = "cpu", *, trust_remote_code: bool = False,
+               allow_pickle: bool = False) -> tuple[torch.nn.Module, Any]:
     """The model and processor named by `spec` (`tiny:NAME`, a recipe YAML or a checkpoint)."""
     from vlmexp.zoo import is_tiny, open_tiny
 
+    opts = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
     if is_tiny(spec):
         model, processor = open_tiny(spec)
         return model.to(device), processor
     if spec.endswith((".yaml", ".yml")) and Path(spec).is_file():
-        return merged_model(spec, device)
+        return merged_model(spec, device, **opts)
     from vlmexp.checkpoint import open_model
 
-    loaded = open_model(spec, device=device)
+    loaded = open_model(spec, device=device, **opts)
     if loaded.processor is None:
         raise CheckpointError(f"{spec}: no processor or tokenizer files to evaluate with")
     return loaded.model, loaded.processor
 
 
-def merged_model(recipe_path: str, device: str = "cpu") -> tuple[torch.nn.Module, Any]:
+def merged_model(recipe_path: str, device: str = "cpu", *, trust_remote_code: bool = False,
+                 allow_pickle: bool = False) -> tuple[torch.nn.Module, Any]:
     """The recipe's merge, applied in memory to its base, and the base's processor."""
     import sys
 
@@ -73,7 +79,9 @@ def merged_model(recipe_path: str, device: str = "cpu") -> tuple[torch.nn.Module
     from vlmexp.merge.recipe import Recipe
 
     recipe = Recipe.from_yaml(recipe_path)
-    engine = MergeEngine.from_recipe(recipe, device=device, progress=False)
+    engine = MergeEngine.from_recipe(recipe, device=device, progress=False,
+                                     trust_remote_code=trust_remote_code,
+                                     allow_pickle=allow_pickle)
     result = engine.apply(recipe)
     print(f"merged {recipe_path} in memory ({result.merged} tensors, {result.weights_digest})",
           file=sys.stderr)
@@ -167,7 +175,9 @@ def run(args: argparse.Namespace) -> int:
     from vlmexp.checkpoint import resolve_device
 
     args.device = resolve_device(args.device)
-    model, processor = load_model(args.model, device=args.device)
+    model, processor = load_model(args.model, device=args.device,
+                                  trust_remote_code=args.trust_remote_code,
+                                  allow_pickle=args.allow_pickle)
     evaluator = build_evaluator(args, processor)
     evaluate_model(model, processor, evaluator, args.out, start=args.start, stop=args.stop)
     return 0

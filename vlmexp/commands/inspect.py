@@ -1,7 +1,8 @@
 """`python -m vlmexp inspect MODEL [OTHER] [--json]`: a model's layout, and how another aligns.
 
-MODEL and OTHER are model folders (opened with `vlmexp.checkpoint.open_model`, safetensors only)
-or `tiny:NAME`, a built-in tiny random model from `vlmexp.zoo.tiny` (nothing on disk needed).
+MODEL and OTHER are model folders or hub ids (`org/name[@revision]`, through the Hugging Face
+cache), opened with `vlmexp.checkpoint.open_model` (safetensors only unless --allow-pickle), or
+`tiny:NAME`, a built-in tiny random model from `vlmexp.zoo.tiny` (nothing on disk needed).
 
 Example:
     $ python -m vlmexp inspect tiny:llava tiny:llama
@@ -13,6 +14,8 @@ import argparse
 import json
 from typing import TYPE_CHECKING, Any
 
+from vlmexp.commands import add_model_flags
+
 if TYPE_CHECKING:
     import torch
 
@@ -22,25 +25,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "inspect", help="show a model's components and blocks; with OTHER, how it aligns",
         description=__doc__.splitlines()[0])
-    p.add_argument("model", metavar="MODEL", help="model folder or tiny:NAME")
+    p.add_argument("model", metavar="MODEL", help="model folder, hub id or tiny:NAME")
     p.add_argument("other", metavar="OTHER", nargs="?",
                    help="a second model (donor): report whether and how it aligns with MODEL")
     p.add_argument("--vocab", default="error",
                    help="when vocabulary sizes differ: error (refuse, the default) or "
                         "common_rows (share the common rows); see vlmexp.layout.VOCAB_POLICIES")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    add_model_flags(p)
     p.set_defaults(run=run)
 
 
-def load(spec: str) -> torch.nn.Module:
-    """The model named by `spec`: `tiny:NAME` builds a tiny random one, else a folder is opened."""
+def load(spec: str, *, trust_remote_code: bool = False, allow_pickle: bool = False
+         ) -> torch.nn.Module:
+    """The model named by `spec`: `tiny:NAME` builds a tiny random one, else a folder or hub id
+    is opened."""
     from vlmexp.zoo import is_tiny, open_tiny
 
     if is_tiny(spec):
         return open_tiny(spec, with_processor=False)[0]
     from vlmexp.checkpoint import open_model
 
-    return open_model(spec, load_processor=False).model
+    return open_model(spec, load_processor=False, trust_remote_code=trust_remote_code,
+                      allow_pickle=allow_pickle).model
 
 
 def layout_dict(spec: str, layout: Layout) -> dict[str, Any]:
@@ -89,11 +96,12 @@ def format_layout(spec: str, layout: Layout) -> str:
 def run(args: argparse.Namespace) -> int:
     from vlmexp.layout import align, discover
 
-    model = load(args.model)
+    opts = {"trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle}
+    model = load(args.model, **opts)
     layouts = [(args.model, discover(model))]
     alignment: Alignment | None = None
     if args.other is not None:
-        other = load(args.other)
+        other = load(args.other, **opts)
         layouts.append((args.other, discover(other)))
         alignment = align(model, other, vocab=args.vocab)
     if args.json:

@@ -1,4 +1,8 @@
-"""`python -m vlmexp merge RECIPE.yaml --out DIR`: write the recipe's merge as a checkpoint."""
+"""`python -m vlmexp merge RECIPE.yaml --out DIR`: write the recipe's merge as a checkpoint.
+
+Models are folders or hub ids (`org/name[@revision]`, through the Hugging Face cache); the
+written `recipe.yaml` pins each by its weights digest and each hub id by the commit it used.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from vlmexp.commands import add_model_flags
 from vlmexp.errors import CheckpointError
 
 
@@ -20,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="write in-memory tensor names instead of transformers' legacy names")
     p.add_argument("--no-digest-check", action="store_true",
                    help="merge even if a model's weights no longer match the recipe's digest")
+    add_model_flags(p)
     p.set_defaults(run=run)
 
 
@@ -33,9 +39,11 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise CheckpointError(f"{out}: already exists; pass --force to replace it")
     engine = MergeEngine.from_recipe(recipe, device=args.device,
-                                     check_digests=not args.no_digest_check)
+                                     check_digests=not args.no_digest_check,
+                                     trust_remote_code=args.trust_remote_code,
+                                     allow_pickle=args.allow_pickle)
     result = engine.apply(recipe)
-    save_model(engine.model, out, processor=engine.processor, source_dir=recipe.base.path,
+    save_model(engine.model, out, processor=engine.processor, source_dir=engine.sources["base"],
                force=args.force, native_layout=args.native_layout)
     pinned = engine.pin(recipe)
     pinned.save(out / "recipe.yaml")

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vlmexp.commands import add_model_flags
 from vlmexp.errors import CheckpointError, TrackingError
 from vlmexp.search.mlflow_store import DEFAULT_URI
 
@@ -40,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="re-run the study's evaluation and compare with the logged values")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    add_model_flags(p)
     p.set_defaults(run=run)
 
 
@@ -60,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
     what = f"run {info.run_id}" + (f" (trial {info.trial})" if info.trial is not None else "")
     print(f"reproducing {what} of experiment {info.experiment!r}", file=sys.stderr)
     recipe = info.recipe
-    engine = MergeEngine.from_recipe(recipe, device=args.device)
+    engine = MergeEngine.from_recipe(recipe, device=args.device,
+                                     trust_remote_code=args.trust_remote_code,
+                                     allow_pickle=args.allow_pickle)
     result = engine.apply(recipe)
     if info.weights_digest is None:
         print(f"warning: {what} has no logged weights digest; the rebuild cannot be verified",
@@ -68,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     elif result.weights_digest != info.weights_digest:
         raise TrackingError(f"{what}: rebuilt weights digest {result.weights_digest} does not "
                             f"match the logged {info.weights_digest}; nothing written")
-    save_model(engine.model, out, processor=engine.processor, source_dir=recipe.base.path,
+    save_model(engine.model, out, processor=engine.processor, source_dir=engine.sources["base"],
                force=args.force)
     engine.pin(recipe).save(out / "recipe.yaml")
     print(f"weights digest {result.weights_digest} "

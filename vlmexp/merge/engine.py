@@ -28,7 +28,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
@@ -37,6 +37,9 @@ from vlmexp.errors import MergeError, RecipeError
 from vlmexp.layout import Alignment, Layout, ParamInfo, align, discover
 from vlmexp.merge import kernels, methods
 from vlmexp.merge.recipe import ModelRef, Recipe
+
+if TYPE_CHECKING:
+    from vlmexp.checkpoint import ResolvedModel
 
 # masks held for queued merges before the queue is run early (DARE's are drawn per apply)
 _QUEUED_MASK_BYTES = 256 << 20
@@ -124,7 +127,11 @@ class MergeEngine:
         self._queued: list[str] = []  # the tensors of self._queue's jobs, in order
         self.vocab = vocab
         self.math_dtype = math_dtype
+        # "base" or a donor's name → where it was opened from (folder, hub commit), when opened
+        self.sources: dict[str, ResolvedModel] = {}
         loaded = _as_loaded(base, self.device)
+        if getattr(loaded, "source", None) is not None:
+            self.sources["base"] = loaded.source
         self.model: torch.nn.Module = loaded.model.to(self.device)
         self.processor = getattr(loaded, "processor", None)
         self.layout: Layout = discover(self.model)
@@ -144,16 +151,21 @@ class MergeEngine:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_recipe(cls, recipe: Recipe, *, device: str | None = None,
-                    check_digests: bool = True, progress: bool = True) -> MergeEngine:
-        """Open the recipe's base and donors from their paths and check their digests."""
+                    check_digests: bool = True, progress: bool = True,
+                    trust_remote_code: bool = False, allow_pickle: bool = False) -> MergeEngine:
+        """Open the recipe's base and donors (folders, or hub ids at their recorded revisions)
+        and check their digests; `trust_remote_code` / `allow_pickle` go to `open_model`."""
         from vlmexp.checkpoint import open_model
 
         dev = device
-        engine = cls(open_model(recipe.base.path, device=_cpu_or(dev)), device=dev,
-                     vocab=recipe.vocab, math_dtype=_DTYPES[recipe.dtype], progress=progress)
+        opts = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
+        base = open_model(recipe.base.path, revision=recipe.base.revision, device=_cpu_or(dev),
+                          **opts)
+        engine = cls(base, device=dev, vocab=recipe.vocab, math_dtype=_DTYPES[recipe.dtype],
+                     progress=progress)
         for ref in recipe.donors:
-            engine.add_donor(ref.name, open_model(ref.path, load_processor=False),
-                             map=ref.map, progress=progress)
+            donor = open_model(ref.path, revision=ref.revision, load_processor=False, **opts)
+            engine.add_donor(ref.name, donor, map=ref.map, progress=progress)
         if check_digests:
             engine.check_digests(recipe)
         return engine
@@ -165,6 +177,8 @@ class MergeEngine:
             raise MergeError(f"donor name {name!r} is reserved or already loaded")
         loaded = _as_loaded(donor, "cpu")
         donor_model = loaded.model
+        if getattr(loaded, "source", None) is not None:
+            self.sources[name] = loaded.source
         alignment = align(self.model, donor_model, vocab=self.vocab)
         if map != "auto" and alignment.kind != map:
             raise MergeError(f"donor {name!r}: expected a {map} donor, but it aligns as "
@@ -213,12 +227,14 @@ class MergeEngine:
                                   f"does not match the loaded weights ({actual[:12]}…)")
 
     def pin(self, recipe: Recipe) -> Recipe:
-        """The recipe with every model's weights_sha256 filled from the loaded weights."""
+        """The recipe with every model's weights_sha256 filled from the loaded weights, and each
+        hub id's revision from the commit it was opened at."""
         data = recipe.to_dict()
         data["base"]["weights_sha256"] = self.input_digest("base")
         for d in data["donors"]:
             d["weights_sha256"] = self.input_digest(d["name"])
-        return Recipe.from_dict(data)
+        pinned = Recipe.from_dict(data)
+        return pinned.with_revisions({k: s.revision for k, s in self.sources.items()})
 
     # ------------------------------------------------------------------ merging
     def apply(self, recipe: Recipe) -> ApplyResult:
@@ -254,8 +270,9 @@ class MergeEngine:
                                          f"tensor {name}")
                     self._dirty.add(name)
                     param = self._params[name].data
-                    param.copy_(self._base[name].to(math_dtype) + tv)
-                    self._check_finite(name, param)
+                    taken = self._base[name].to(math_dtype) + tv
+                    param.copy_(taken)
+                    self._check_finite(name, param, source=taken)
                     written += 1
                     continue
                 donors = [d for d in recipe.participants(comp) if name in self.task_vectors[d]]
@@ -342,13 +359,15 @@ class MergeEngine:
             if count:
                 raise MergeError(f"merged tensor {name}: {count} merged values are NaN or inf")
 
-    def _check_finite(self, name: str, t: torch.Tensor) -> None:
-        """Raise MergeError naming `name` when `t` has a NaN or an inf (on a GPU: at the end)."""
+    def _check_finite(self, name: str, t: torch.Tensor,
+                      source: torch.Tensor | None = None) -> None:
+        """Raise MergeError naming `name` when `t` has a NaN or an inf (on a GPU: at the end);
+        `source`: the math-dtype values `t` was cast from, to tell an overflow of `t`'s dtype."""
         if self._pending is not None and t.is_floating_point():
-            self._pending.append((name, t.sum()))
+            self._pending.append((name, t.sum(dtype=torch.float32)))
             return
         try:
-            methods.assert_finite(t)
+            methods.assert_finite(t, source=source)
         except MergeError as err:
             raise MergeError(f"merged tensor {name}: {err}") from None
 
@@ -444,5 +463,6 @@ def _as_loaded(obj: Any, device: str) -> Any:
         return obj
     from vlmexp.checkpoint import open_model
 
-    path = obj.path if isinstance(obj, ModelRef) else str(obj)
-    return open_model(path, device=device)
+    if isinstance(obj, ModelRef):
+        return open_model(obj.path, revision=obj.revision, device=device)
+    return open_model(str(obj), device=device)

@@ -1,7 +1,8 @@
 """Export a recipe as a mergekit 0.1.5 configuration that computes the same tensors.
 
 `mergekit_config` reads only the models' configs (weights stay on disk) to learn the base's
-layout and the donors' alignment, and refuses checkpoints mergekit would read wrongly;
+layout and the donors' alignment, and refuses checkpoints mergekit would read wrongly; hub ids
+are written at the commit they resolve to, in mergekit's own `org/name@revision` spelling;
 `to_mergekit` writes the configuration from a recipe and a layout. Both raise RecipeError
 naming what mergekit cannot express.
 
@@ -22,35 +23,48 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import AutoConfig
 
-from vlmexp.checkpoint import auto_model_class, stored_tensor_names
+from vlmexp.checkpoint import ResolvedModel, auto_model_class, resolve_model, stored_tensor_names
 from vlmexp.errors import RecipeError
 from vlmexp.layout import Layout, align, discover
 from vlmexp.merge.methods import METHODS, resolve_donor_params, resolve_params
 
 if TYPE_CHECKING:
-    from vlmexp.merge.recipe import Recipe
+    from vlmexp.merge.recipe import ModelRef, Recipe
 
 
-def mergekit_config(recipe: Recipe) -> dict[str, Any]:
-    """The mergekit config of `recipe`, reading only the models' configs (weights stay on disk)."""
+def mergekit_config(recipe: Recipe, *, trust_remote_code: bool = False,
+                    allow_pickle: bool = False) -> dict[str, Any]:
+    """The mergekit config of `recipe`, reading only the models' configs (weights stay on disk).
 
-    def skeleton(path: str) -> torch.nn.Module:
-        config = AutoConfig.from_pretrained(path)
+    Each model is resolved as `open_model` would (`checkpoint.resolve_model`: a folder, or a hub
+    id at its recorded revision, else at the commit it resolves to now, which the config names).
+    """
+    sources = {"base": resolve_model(recipe.base.path, recipe.base.revision,
+                                     allow_pickle=allow_pickle)}
+    sources.update({d.name: resolve_model(d.path, d.revision, allow_pickle=allow_pickle)
+                    for d in recipe.donors})
+
+    def skeleton(source: ResolvedModel) -> torch.nn.Module:
+        config = AutoConfig.from_pretrained(source.folder, trust_remote_code=trust_remote_code)
+        auto = auto_model_class(config, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
-            return auto_model_class(config).from_config(config)
+            return auto.from_config(config, trust_remote_code=trust_remote_code)
 
-    base = skeleton(recipe.base.path)
-    donors = {d.name: skeleton(d.path) for d in recipe.donors}
+    base = skeleton(sources["base"])
+    donors = {d.name: skeleton(sources[d.name]) for d in recipe.donors}
     kinds = {name: align(base, model, vocab=recipe.vocab).kind for name, model in donors.items()}
     if all(kind == "same" for kind in kinds.values()):
-        _check_native_layout("base", recipe.base.path, base)
+        _check_native_layout("base", sources["base"], base, allow_pickle=allow_pickle)
         for d in recipe.donors:
-            _check_native_layout(f"donor {d.name!r}", d.path, donors[d.name])
+            _check_native_layout(f"donor {d.name!r}", sources[d.name], donors[d.name],
+                                 allow_pickle=allow_pickle)
     dtype = str(next(base.parameters()).dtype).removeprefix("torch.")
-    return to_mergekit(recipe, discover(base), donor_kinds=kinds, out_dtype=dtype)
+    pinned = recipe.with_revisions({name: s.revision for name, s in sources.items()})
+    return to_mergekit(pinned, discover(base), donor_kinds=kinds, out_dtype=dtype)
 
 
-def _check_native_layout(what: str, path: str, model: torch.nn.Module) -> None:
+def _check_native_layout(what: str, source: ResolvedModel, model: torch.nn.Module, *,
+                         allow_pickle: bool = False) -> None:
     """RecipeError unless the folder stores its tensors under the in-memory names.
 
     mergekit 0.1.5 reads the files itself and knows LLaVA-like models by their in-memory names:
@@ -58,11 +72,11 @@ def _check_native_layout(what: str, path: str, model: torch.nn.Module) -> None:
     does not recognise (a LLaVA's whole language model), so the export would not give the
     recipe's tensors.
     """
-    stored = stored_tensor_names(path)
+    stored = stored_tensor_names(source.folder, allow_pickle=allow_pickle)
     foreign = sorted(stored - set(model.state_dict()))
     if foreign:
         raise RecipeError(
-            f"{what}: {path} stores its tensors under transformers' legacy names (e.g. "
+            f"{what}: {source.spec} stores its tensors under transformers' legacy names (e.g. "
             f"{foreign[0]!r}), of which mergekit 0.1.5 silently drops part; re-save it with "
             f"save_pretrained(DIR, save_original_format=False) and point the recipe there")
 
@@ -169,8 +183,8 @@ def to_mergekit(recipe: Recipe, layout: Layout, *, donor_kinds: Mapping[str, str
 
     model_keys = (["base"] if recipe.method in ("linear", "slerp") else []) + recipe.donor_names
     models_out = []
-    paths = {"base": _mergekit_path(recipe.base.path),
-             **{d.name: _mergekit_path(d.path) for d in recipe.donors}}
+    paths = {"base": _mergekit_path(recipe.base),
+             **{d.name: _mergekit_path(d) for d in recipe.donors}}
     for key in model_keys:
         keyed = {n: s[0].get(key) for n, s in per_tensor.items()}
         if all(v is None for v in keyed.values()) and recipe.method != "slerp":
@@ -186,7 +200,7 @@ def to_mergekit(recipe: Recipe, layout: Layout, *, donor_kinds: Mapping[str, str
     method_names = sorted({p for s in per_tensor.values() for p in s[1]})
     config: dict[str, Any] = {"merge_method": spec.mergekit}
     if recipe.method != "linear" and resolved.get("use_base", True):
-        config["base_model"] = _mergekit_path(recipe.base.path)
+        config["base_model"] = _mergekit_path(recipe.base)
     config["models"] = models_out
     if method_names:
         config["parameters"] = {p: setting({n: s[1][p] for n, s in per_tensor.items()})
@@ -197,6 +211,9 @@ def to_mergekit(recipe: Recipe, layout: Layout, *, donor_kinds: Mapping[str, str
     return config
 
 
-def _mergekit_path(path: str) -> str:
-    """mergekit reads a bare relative name as a hub id: give local folders as absolute paths."""
-    return str(Path(path).resolve()) if Path(path).is_dir() else path
+def _mergekit_path(ref: ModelRef) -> str:
+    """mergekit reads a bare relative name as a hub id: give local folders as absolute paths, and
+    a hub id at its recorded commit in mergekit's own `org/name@revision` spelling."""
+    if ref.revision:
+        return f"{ref.path.split('@', 1)[0]}@{ref.revision}"
+    return str(Path(ref.path).resolve()) if Path(ref.path).is_dir() else ref.path

@@ -829,17 +829,39 @@ def merge_tensor(
         # the method's count holds only for the very tensor it wrote (not for a cast copy)
         bad = checks.get("non_finite") if result is computed else None
         if bad is None:
-            assert_finite(result)
+            assert_finite(result, source=computed if result is not computed else None)
         elif bad:
             raise MergeError(f"{bad} merged values are NaN or inf")
     return result
 
 
-def assert_finite(t: torch.Tensor) -> None:
-    """Raise MergeError when `t` holds a NaN or an inf."""
-    # NaN and inf propagate through a float sum (one vectorised pass); only when the sum is not
-    # finite (or overflowed) does the slower elementwise test decide.
-    if t.is_floating_point() and not math.isfinite(float(t.sum())):
-        bad = int((~torch.isfinite(t)).sum())
-        if bad:
-            raise MergeError(f"{bad} merged values are NaN or inf")
+def assert_finite(t: torch.Tensor, *, source: torch.Tensor | None = None) -> None:
+    """Raise MergeError when `t` holds a NaN or an inf.
+
+    `source`: the values (in the math dtype) that `t` was cast from; where those are finite and
+    `t`'s are not, the message says that the merge overflows `t`'s dtype (an fp16 checkpoint
+    holds at most ±65504) and gives the largest magnitude.
+
+    Example:
+        >>> assert_finite(torch.tensor([7e4]).half(), source=torch.tensor([7e4]))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        vlmexp.errors.MergeError: 1 merged values overflow float16 (largest magnitude 70000, ...)
+    """
+    # NaN and inf propagate through a float sum (one vectorised pass, accumulated in float32 at
+    # least, so a large finite half-precision tensor does not overflow its own sum); only when
+    # the sum is not finite does the slower elementwise test decide.
+    if not t.is_floating_point():
+        return
+    total = t.sum(dtype=torch.float32) if t.element_size() < 4 else t.sum()
+    if math.isfinite(float(total)):
+        return
+    bad = int((~torch.isfinite(t)).sum())
+    if not bad:
+        return
+    if source is not None and source.dtype != t.dtype and bool(torch.isfinite(source).all()):
+        dtype = str(t.dtype).removeprefix("torch.")
+        largest = float(source.abs().max())
+        raise MergeError(f"{bad} merged values overflow {dtype} (largest magnitude "
+                         f"{largest:g}, {dtype} holds ±{torch.finfo(t.dtype).max:g})")
+    raise MergeError(f"{bad} merged values are NaN or inf")

@@ -1,9 +1,10 @@
 """The recipe: the YAML document that fully determines a merged model (see DESIGN.md).
 
-A recipe names a method, a base and donors (each pinned by its weights digest), method-level
-parameters, and per-component, per-donor parameters, where a list is a schedule over depth
-(evenly spaced knots, linearly interpolated, as mergekit's gradients). A component the recipe
-leaves out keeps the base's weights; `take` copies a component verbatim from one donor.
+A recipe names a method, a base and donors (each pinned by its weights digest and, for a hub id,
+the commit it resolved to), method-level parameters, and per-component, per-donor parameters,
+where a list is a schedule over depth (evenly spaced knots, linearly interpolated, as mergekit's
+gradients). A component the recipe leaves out keeps the base's weights; `take` copies a
+component verbatim from one donor.
 
 Example:
     >>> r = Recipe.from_dict({
@@ -25,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,23 +41,29 @@ DTYPES = ("float32", "float64", "bfloat16", "float16")
 MAPS = ("auto", "same", "llm_to_vlm")
 _TOP_KEYS = {"vlmexp_recipe", "method", "base", "donors", "parameters", "components", "take",
              "dtype", "seed", "vocab"}
-_MODEL_KEYS = {"name", "path", "weights_sha256", "map"}
+_MODEL_KEYS = {"name", "path", "revision", "weights_sha256", "map"}
 
 Value = float | int | bool | str | list[float]
 
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A model a recipe reads: its folder (or hub id) and the digest of its weights."""
+    """A model a recipe reads: its folder or hub id, the commit a hub id resolved to, and the
+    digest of its weights."""
 
     name: str
-    path: str
+    path: str  # a folder, `org/name` or `org/name@revision`
     weights_sha256: str | None = None
     map: str = "auto"  # how a donor's names meet the base's: auto-detected, same, llm_to_vlm
+    # the commit a hub id resolved to (`vlmexp.checkpoint.resolve_model`); None for a folder.
+    # It wins over a branch in `path`: the recipe opens the same snapshot when `main` moves on.
+    revision: str | None = None
 
     def to_dict(self, *, with_name: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name} if with_name else {}
         out["path"] = self.path
+        if self.revision:
+            out["revision"] = self.revision
         if self.weights_sha256:
             out["weights_sha256"] = self.weights_sha256
         if self.map != "auto":
@@ -254,11 +262,28 @@ class Recipe:
         os.replace(tmp, path)
         return path
 
+    def with_revisions(self, revisions: Mapping[str, str | None]) -> Recipe:
+        """The recipe with each model's `revision` set from `revisions` ("base" or a donor's
+        name → the commit its hub id resolved to); a None or absent entry leaves it as it is.
+
+        Example:
+            >>> r = Recipe.from_dict({"method": "linear", "base": "org/base"})
+            >>> r.with_revisions({"base": "0" * 40}).base.revision == "0" * 40
+            True
+        """
+        data = self.to_dict()
+        for key, ref in [("base", data["base"]), *((d["name"], d) for d in data["donors"])]:
+            if revisions.get(key):
+                ref["revision"] = revisions[key]
+        return Recipe.from_dict(data)
+
     def content_hash(self) -> str:
         """A stable sha256 of what determines the merge.
 
         Paths are left out where a weights digest pins the model, so the same recipe run from
-        another folder hashes the same; key order and number spelling (1 vs 1.0) do not count.
+        another folder hashes the same; a hub id's revision counts only when the recipe records
+        one (so recipes of folders hash as they always did); key order and number spelling
+        (1 vs 1.0) do not count.
         """
         data = self.to_dict()
         for ref in [data["base"], *data["donors"]]:
@@ -317,8 +342,12 @@ def _model_ref(raw: Any, where: str, default_name: str | None = None) -> ModelRe
     if mapping not in MAPS:
         raise RecipeError(f"{where}.map: {mapping!r} is not one of {', '.join(MAPS)}")
     digest = raw.get("weights_sha256")
+    revision = raw.get("revision")
+    if revision is not None and (not isinstance(revision, str) or not revision):
+        raise RecipeError(f"{where}.revision: {revision!r} is not a revision (a commit hash)")
     return ModelRef(name=str(name), path=str(raw["path"]),
-                    weights_sha256=str(digest) if digest else None, map=mapping)
+                    weights_sha256=str(digest) if digest else None, map=mapping,
+                    revision=revision or None)
 
 
 def _names(defs: Any) -> str:

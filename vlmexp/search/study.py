@@ -56,27 +56,40 @@ class Setup:
 
 def resolve_models(models: Mapping[str, Any], *, progress: bool = True
                    ) -> tuple[ModelRef, list[ModelRef]]:
-    """The base and donor references of the `models` node, `zoo:NAME` paths resolved."""
+    """The base and donor references of the `models` node: `zoo:NAME` paths resolved to
+    folders, hub ids to the commits they resolve to now (`checkpoint.resolve_model`; fetched
+    when online), which every trial's recipe records."""
+    from vlmexp.checkpoint import resolve_model
     from vlmexp.zoo import resolve_zoo
 
     zoo_dir = models.get("zoo_dir")
-    base = ModelRef("base", resolve_zoo(str(models["base"]), zoo_dir, progress=progress))
-    donors = [ModelRef(str(name), resolve_zoo(str(d["path"]), zoo_dir, progress=progress),
-                       map=str(d.get("map", "auto")))
+    allow_pickle = bool(models.get("allow_pickle", False))
+
+    def ref(name: str, spec: str, **kw: Any) -> ModelRef:
+        path = resolve_zoo(spec, zoo_dir, progress=progress)
+        revision = resolve_model(path, allow_pickle=allow_pickle).revision
+        return ModelRef(name, path, revision=revision, **kw)
+
+    base = ref("base", str(models["base"]))
+    donors = [ref(str(name), str(d["path"]), map=str(d.get("map", "auto")))
               for name, d in (models.get("donors") or {}).items()]
     if not donors:
         raise ConfigError("models.donors: name at least one donor")
     return base, donors
 
 
-def setup_engine(base: ModelRef, donors: Sequence[ModelRef], *, device: str, vocab: str
-                 ) -> MergeEngine:
-    """The live base model with each donor's task vector (`merge.vocab`: the vocabulary policy)."""
+def setup_engine(base: ModelRef, donors: Sequence[ModelRef], *, device: str, vocab: str,
+                 trust_remote_code: bool = False, allow_pickle: bool = False) -> MergeEngine:
+    """The live base model with each donor's task vector (`merge.vocab`: the vocabulary policy;
+    `models.trust_remote_code`, `models.allow_pickle`: what `open_model` may run or unpickle)."""
     from vlmexp.checkpoint import open_model
 
-    engine = MergeEngine(open_model(base.path), device=device, vocab=vocab, progress=True)
+    opts = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
+    engine = MergeEngine(open_model(base.path, revision=base.revision, **opts), device=device,
+                         vocab=vocab, progress=True)
     for d in donors:
-        engine.add_donor(d.name, open_model(d.path, load_processor=False), map=d.map)
+        donor = open_model(d.path, revision=d.revision, load_processor=False, **opts)
+        engine.add_donor(d.name, donor, map=d.map)
     if engine.processor is None:
         raise ConfigError(f"models.base: {base.path} has no processor/tokenizer files")
     return engine
@@ -132,8 +145,11 @@ def setup(cfg: DictConfig) -> Setup:
     search = node["search"]
     objectives = list(search["objectives"])
     device = resolve_device(str(cfg.device))
-    base, donors = resolve_models(node["models"])
-    engine = setup_engine(base, donors, device=device, vocab=node["merge"]["vocab"])
+    models = node["models"]
+    base, donors = resolve_models(models)
+    engine = setup_engine(base, donors, device=device, vocab=node["merge"]["vocab"],
+                          trust_remote_code=models["trust_remote_code"],
+                          allow_pickle=models["allow_pickle"])
     evaluator = setup_evaluator(node["eval"], engine.processor, device=device)
     space = SearchSpace(node["space"], node["merge"], base, donors)
     pruning = Pruning(objectives=objectives, **search["pruning"])

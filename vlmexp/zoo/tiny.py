@@ -71,13 +71,16 @@ def _qwen_text(vocab_size: int = VOCAB, **kw) -> dict:
 
 def qwen2_vl(*, vocab_size: int = VOCAB, image_token: int = IMAGE_TOKEN,
              video_token: int = VIDEO_TOKEN, vision_start: int = VISION_START,
-             vision_end: int = VISION_END) -> torch.nn.Module:
+             vision_end: int = VISION_END, tie_word_embeddings: bool = False) -> torch.nn.Module:
+    """A tiny Qwen2-VL; `tie_word_embeddings=True` shares the head with the token embeddings
+    (as the small real Qwen2-VL / Qwen2.5-VL checkpoints do)."""
+    tie = {"tie_word_embeddings": True} if tie_word_embeddings else {}
     cfg = tf.Qwen2VLConfig(
-        text_config=_qwen_text(vocab_size),
+        text_config=_qwen_text(vocab_size, **tie),
         vision_config=dict(depth=2, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2,
                            patch_size=8, spatial_merge_size=2, temporal_patch_size=2),
         image_token_id=image_token, video_token_id=video_token,
-        vision_start_token_id=vision_start, vision_end_token_id=vision_end,
+        vision_start_token_id=vision_start, vision_end_token_id=vision_end, **tie,
     )
     return tf.Qwen2VLForConditionalGeneration(cfg)
 
