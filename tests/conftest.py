@@ -53,24 +53,6 @@ def tiny_processor():
 def kind_processor():
     """`kind_processor(kind, tokenizer)`: the processor of the tiny VLM that a real tokenizer kind
     (vlmexp.zoo.tokenizers) belongs to, with that tokenizer and its chat template."""
-    import transformers as tf
+    from vlmexp.zoo.tiny_processors import for_tokenizer
 
-    from vlmexp.processors import QwenVLImageProcessor
-    from vlmexp.zoo.tiny_processors import build_processor
-    from vlmexp.zoo.tokenizers import VLM_OF
-
-    def get(kind: str, tokenizer):
-        tiny = build_processor(VLM_OF[kind])  # its image processor and settings
-        if kind == "llama":
-            return tf.LlavaProcessor(
-                image_processor=tiny.image_processor, tokenizer=tokenizer, patch_size=tiny.patch_size,
-                vision_feature_select_strategy=tiny.vision_feature_select_strategy,
-                num_additional_image_tokens=tiny.num_additional_image_tokens,
-                chat_template=tokenizer.chat_template)
-        if kind == "gemma":
-            return tf.Gemma3Processor(image_processor=tiny.image_processor, tokenizer=tokenizer,
-                                      image_seq_length=tiny.image_seq_length,
-                                      chat_template=tokenizer.chat_template)
-        return QwenVLImageProcessor(tiny.image_processor, tokenizer)  # takes its chat template
-
-    return get
+    return for_tokenizer

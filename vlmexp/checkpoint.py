@@ -297,7 +297,15 @@ def _image_only_processor(folder: Path, tokenizer: Any) -> Any | None:
 
     from vlmexp.processors import QwenVLImageProcessor
 
-    return QwenVLImageProcessor(Qwen2VLImageProcessorPil.from_pretrained(folder), tokenizer)
+    template = None
+    template_file = folder / "chat_template.json"
+    if template_file.is_file():
+        try:
+            template = json.loads(template_file.read_text()).get("chat_template")
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{template_file}: not valid JSON ({one_line(err)})") from err
+    return QwenVLImageProcessor(Qwen2VLImageProcessorPil.from_pretrained(folder), tokenizer,
+                                chat_template=template)
 
 
 def save_model(

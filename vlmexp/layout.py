@@ -554,7 +554,8 @@ def align(base: nn.Module, donor: nn.Module, *, vocab: str = "error") -> Alignme
         b, d, nb, nd = vocab_bad[0]
         if vocab == "error":
             raise AlignmentError(f"{names}: vocabulary sizes differ: base {nb} vs donor {nd} "
-                                 f"({b} vs {d}); vocab='common_rows' maps the first "
+                                 f"({b} vs {d}); vocab common_rows (merge.vocab=common_rows, "
+                                 f"a recipe's vocab: common_rows) merges the first "
                                  f"{min(nb, nd)} rows")
         rows = {b: min(nb, nd) for b, _, nb, nd in vocab_bad}
 

@@ -21,10 +21,13 @@ import numpy as np
 class QwenVLImageProcessor:
     """Qwen2-VL / Qwen2.5-VL image + text processor without torchvision (see the module doc)."""
 
-    def __init__(self, image_processor: Any, tokenizer: Any) -> None:
+    def __init__(self, image_processor: Any, tokenizer: Any, chat_template: str | None = None
+                 ) -> None:
         self.image_processor = image_processor
         self.tokenizer = tokenizer
-        self.chat_template = getattr(tokenizer, "chat_template", None)
+        # the processor's own template (chat_template.json) wins over the tokenizer's, as in
+        # transformers' ProcessorMixin
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
         self.image_token = "<|image_pad|>"
         self.vision_start_token = "<|vision_start|>"
         self.vision_end_token = "<|vision_end|>"
@@ -54,6 +57,7 @@ class QwenVLImageProcessor:
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def apply_chat_template(self, messages: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("chat_template", self.chat_template)
         return self.tokenizer.apply_chat_template(messages, **kwargs)
 
     def save_pretrained(self, path: str) -> None:

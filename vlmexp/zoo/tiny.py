@@ -188,7 +188,7 @@ TOKEN_KEYWORDS: dict[str, dict[str, str]] = {
 }
 
 
-def build_for_tokenizer(name: str, tokenizer: Any, seed: int = 0) -> torch.nn.Module:
+def build_for_tokenizer(name: str, tokenizer: Any, seed: int = 0, **config: Any) -> torch.nn.Module:
     """The tiny VLM `name` sized to `tokenizer`: its vocabulary and its image tokens' ids.
 
     Example:
@@ -201,7 +201,7 @@ def build_for_tokenizer(name: str, tokenizer: Any, seed: int = 0) -> torch.nn.Mo
         raise KeyError(f"no tokenizer-sized builder for {name!r}; known: {', '.join(TOKEN_KEYWORDS)}")
     ids = {kw: tokenizer.convert_tokens_to_ids(token) for kw, token in TOKEN_KEYWORDS[name].items()}
     torch.manual_seed(seed)
-    return BUILDERS[name](vocab_size=len(tokenizer), **ids).eval()
+    return BUILDERS[name](vocab_size=len(tokenizer), **ids, **config).eval()
 
 
 def perturb(model: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.nn.Module:

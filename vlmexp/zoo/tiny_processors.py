@@ -204,3 +204,24 @@ def random_image(seed: int = 0, size: int = 32) -> Any:
     return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
 
 
+def for_tokenizer(kind: str, tokenizer: Any) -> Any:
+    """The processor of the tiny VLM that a real tokenizer kind (`vlmexp.zoo.tokenizers`) belongs
+    to, around that tokenizer and with its chat template: the architecture's own processor class
+    (LLaVA, Gemma 3), or for Qwen2-VL the image-only processor that stands in for it here."""
+    import transformers as tf
+
+    from vlmexp.zoo.tokenizers import VLM_OF
+
+    tiny_proc = build_processor(VLM_OF[kind])  # its image processor and settings
+    if kind == "llama":
+        return tf.LlavaProcessor(
+            image_processor=tiny_proc.image_processor, tokenizer=tokenizer,
+            patch_size=tiny_proc.patch_size,
+            vision_feature_select_strategy=tiny_proc.vision_feature_select_strategy,
+            num_additional_image_tokens=tiny_proc.num_additional_image_tokens,
+            chat_template=tokenizer.chat_template)
+    if kind == "gemma":
+        return tf.Gemma3Processor(image_processor=tiny_proc.image_processor, tokenizer=tokenizer,
+                                  image_seq_length=tiny_proc.image_seq_length,
+                                  chat_template=tokenizer.chat_template)
+    return QwenVLImageProcessor(tiny_proc.image_processor, tokenizer)  # takes its chat template
