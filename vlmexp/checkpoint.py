@@ -270,7 +270,7 @@ def load_processor(
     if not any((folder / f).exists() for f in _PROCESSOR_FILES):
         return None
     try:
-        return AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as processor_err:  # any failure: try the tokenizer alone
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -279,33 +279,47 @@ def load_processor(
                 f"{path}: cannot load processor ({one_line(processor_err)}) "
                 f"or tokenizer ({one_line(err)})"
             ) from err
-    return _image_only_processor(folder, tokenizer) or tokenizer
+        return _image_only_processor(folder, tokenizer) or tokenizer
+    if not hasattr(processor, "image_processor"):  # a bare tokenizer: no processor class named
+        return _image_only_processor(folder, processor) or processor
+    return processor
 
 
 def _image_only_processor(folder: Path, tokenizer: Any) -> Any | None:
-    """The image-only stand-in for a Qwen-VL processor class that cannot be built, else None."""
-    config = folder / "preprocessor_config.json"
-    if not config.is_file():
+    """The image-only stand-in for a Qwen-VL processor class that cannot be built, else None.
+
+    Reads the image processor's settings as either layout stores them: the hub's
+    `preprocessor_config.json`, or transformers 5's `processor_config.json` (the image
+    processor nested under `image_processor`); the processor's chat template from
+    `chat_template.json` or `chat_template.jinja`, else the tokenizer's.
+    """
+    settings = _read_json(folder / "preprocessor_config.json")
+    if settings is None:
+        settings = (_read_json(folder / "processor_config.json") or {}).get("image_processor")
+    if not isinstance(settings, dict):
+        return None
+    if not str(settings.get("image_processor_type", "")).startswith("Qwen2VLImageProcessor"):
+        return None
+    from vlmexp.processors import QwenVLImageProcessor, qwen_vl_image_processor
+
+    options = {k: v for k, v in settings.items()
+               if k not in ("image_processor_type", "processor_class", "auto_map")}
+    template = (_read_json(folder / "chat_template.json") or {}).get("chat_template")
+    jinja = folder / "chat_template.jinja"
+    if template is None and jinja.is_file():
+        template = jinja.read_text()
+    return QwenVLImageProcessor(qwen_vl_image_processor(**options), tokenizer,
+                                chat_template=template)
+
+
+def _read_json(path: Path) -> Any | None:
+    """A JSON file's content, None when there is no such file; CheckpointError if malformed."""
+    if not path.is_file():
         return None
     try:
-        kind = json.loads(config.read_text()).get("image_processor_type", "")
+        return json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{config}: not valid JSON ({one_line(err)})") from err
-    if not str(kind).startswith("Qwen2VLImageProcessor"):
-        return None
-    from transformers import Qwen2VLImageProcessorPil
-
-    from vlmexp.processors import QwenVLImageProcessor
-
-    template = None
-    template_file = folder / "chat_template.json"
-    if template_file.is_file():
-        try:
-            template = json.loads(template_file.read_text()).get("chat_template")
-        except (OSError, ValueError) as err:
-            raise CheckpointError(f"{template_file}: not valid JSON ({one_line(err)})") from err
-    return QwenVLImageProcessor(Qwen2VLImageProcessorPil.from_pretrained(folder), tokenizer,
-                                chat_template=template)
+        raise CheckpointError(f"{path}: not valid JSON ({one_line(err)})") from err
 
 
 def save_model(

@@ -6,6 +6,12 @@ tokenizer: `input_ids` with each `<|image_pad|>` expanded to prod(image_grid_thw
 copies, `pixel_values`, `image_grid_thw` and `mm_token_type_ids` (1 on image tokens).
 `vlmexp.checkpoint.load_processor` is the one place that chooses between the two.
 
+The real class resizes with torchvision (bicubic, antialiased, on a uint8 tensor), which PIL's
+bicubic does not reproduce (up to 0.35 apart in normalized pixel values on noisy images);
+`qwen_vl_image_processor` therefore resizes with torch's own antialiased bicubic interpolation,
+exactly as torchvision calls it, so that `pixel_values` match the real class
+(`benchmarks/processor_check.py` compares them where torchvision is installed).
+
 Example:
     >>> proc = QwenVLImageProcessor(image_processor, tokenizer)  # doctest: +SKIP
     >>> proc(images=[img], text=["<|vision_start|><|image_pad|><|vision_end|>Hi"])  # doctest: +SKIP
@@ -13,9 +19,47 @@ Example:
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 import numpy as np
+
+
+def qwen_vl_image_processor(**settings: Any) -> Any:
+    """A Qwen2-VL image processor that needs no torchvision and makes the pixel values the
+    default (torchvision) `Qwen2VLImageProcessor` makes, from its saved settings."""
+    return _torch_resize_class()(**settings)
+
+
+@cache
+def _torch_resize_class() -> type:
+    import torch
+    from transformers import Qwen2VLImageProcessorPil
+    from transformers.image_processing_backends import PilBackend
+    from transformers.image_utils import PILImageResampling
+
+    class TorchResize(PilBackend):
+        """Resizes as torchvision's `resize` does on the CPU with bicubic interpolation:
+        `interpolate(..., mode="bicubic", antialias=True)` on the image as it is (uint8)."""
+
+        def resize(self, image: np.ndarray, size: Any, resample: Any = None,
+                   **kwargs: Any) -> np.ndarray:
+            if not (size.height and size.width) or resample != PILImageResampling.BICUBIC:
+                return super().resize(image, size, resample=resample, **kwargs)
+            x = torch.from_numpy(np.ascontiguousarray(image)).unsqueeze(0)
+            if x.dtype not in (torch.uint8, torch.float32, torch.float64):
+                x = x.to(torch.float32)
+            # on the CPU torchvision hands uint8 straight to torch's native uint8 kernel
+            y = torch.nn.functional.interpolate(x, size=(size.height, size.width),
+                                                mode="bicubic", align_corners=False,
+                                                antialias=True)
+            return y[0].numpy()
+
+    # between the Qwen class (which picks the size) and the PIL backend (which it would call)
+    class Qwen2VLImageProcessorTorchResize(Qwen2VLImageProcessorPil, TorchResize):
+        pass
+
+    return Qwen2VLImageProcessorTorchResize
 
 
 class QwenVLImageProcessor:
