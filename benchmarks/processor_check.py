@@ -104,6 +104,49 @@ def _compare(arch: str, layout: str, folder: Path) -> bool:
     return ok
 
 
+# the real checkpoints' image processor settings: llava-hf/llava-1.5-7b-hf (CLIP),
+# google/gemma-3-4b-it, HuggingFaceTB/SmolVLM-Instruct (Idefics3)
+IMAGE_PROCESSORS = {
+    "llava-1.5 (CLIP)": ("CLIPImageProcessor", dict(
+        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, resample=3,
+        do_center_crop=True, image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711])),
+    "gemma-3": ("Gemma3ImageProcessor", dict(
+        size={"height": 896, "width": 896}, resample=2, image_mean=[0.5] * 3,
+        image_std=[0.5] * 3)),
+    "smolvlm (Idefics3)": ("Idefics3ImageProcessor", dict(
+        size={"longest_edge": 1536}, max_image_size={"longest_edge": 384}, resample=1,
+        do_image_splitting=True, image_mean=[0.5] * 3, image_std=[0.5] * 3)),
+}
+
+
+def check_image_processor(name: str) -> bool:
+    """The default (torchvision) image processor against the PIL one that transformers uses
+    without torchvision, as `checkpoint.load_processor` adjusts it (`torch_resizing`)."""
+    import transformers as tf
+
+    from vlmexp.processors import torch_resizing
+
+    cls, settings = IMAGE_PROCESSORS[name]
+    real = getattr(tf, cls)(**settings)
+    pil = torch_resizing(getattr(tf, f"{cls}Pil")(**settings))
+    plain = getattr(tf, f"{cls}Pil")(**settings)
+    ok = True
+    print(f"{name}: {type(real).__name__} vs {type(pil).__name__}")
+    for n, size in enumerate(SIZES):
+        image = _image(size, n)
+        a, b, c = (p(images=[image], return_tensors="pt")["pixel_values"] for p in (real, pil, plain))
+        shapes = a.shape == b.shape
+        diff = float((a.float() - b.float()).abs().max()) if shapes else float("inf")
+        before = float((a.float() - c.float()).abs().max()) if a.shape == c.shape else float("inf")
+        good = diff <= TOLERANCE[0]
+        ok &= good
+        print(f"  {size[0]}x{size[1]}: shape {tuple(a.shape)}{'' if shapes else ' DIFFERS'}, "
+              f"pixel_values max |diff| {diff:.2e} (PIL resizing: {before:.2e})"
+              + ("" if good else "   <-- FAIL"))
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tolerance", type=float, default=1e-5,
@@ -122,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
           f"transformers {transformers.__version__}")
     TOLERANCE[0] = args.tolerance
     results = [check(arch) for arch in ("qwen2_vl", "qwen2_5_vl")]
+    results += [check_image_processor(name) for name in IMAGE_PROCESSORS]
     print("all equal" if all(results) else "DIFFERENCES FOUND")
     return 0 if all(results) else 1
 

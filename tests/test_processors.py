@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from vlmexp.checkpoint import load_processor
-from vlmexp.processors import QwenVLImageProcessor, qwen_vl_image_processor
+from vlmexp.processors import QwenVLImageProcessor, qwen_vl_image_processor, torch_resizing
 from vlmexp.zoo.tokenizers import qwen2_tokenizer
 
 # the real Qwen2-VL-2B-Instruct preprocessor settings
@@ -73,3 +73,31 @@ def test_resizing_is_torchs_antialiased_bicubic_on_the_uint8_image():
         images=[Image.fromarray(resized.permute(1, 2, 0).numpy())], return_tensors="pt")
     assert torch.allclose(ours["pixel_values"], ref["pixel_values"], atol=1e-6)
     assert (ours["pixel_values"] - pil["pixel_values"]).abs().max() > 1e-3  # PIL's bicubic differs
+
+
+def test_torch_resizing_follows_the_pil_backends_size_rules():
+    from transformers import CLIPImageProcessorPil
+
+    settings = dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                    resample=3, do_center_crop=True)
+    image = _noise(640, 480)
+    ours = torch_resizing(CLIPImageProcessorPil(**settings))
+    assert type(ours).__name__ == "CLIPImageProcessorPilTorchResize"
+    got = ours(images=[image], return_tensors="pt")["pixel_values"]
+    x = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).unsqueeze(0)
+    resized = torch.nn.functional.interpolate(x, size=(336, 448), mode="bicubic",
+                                              align_corners=False, antialias=True)[0]
+    ref = CLIPImageProcessorPil(**settings)(
+        images=[Image.fromarray(resized.permute(1, 2, 0).numpy())], return_tensors="pt")
+    assert torch.allclose(got, ref["pixel_values"], atol=1e-6)
+    assert torch_resizing(ours) is ours and type(ours).__name__.count("TorchResize") == 1
+
+
+def test_the_loader_resizes_as_torchvision_where_it_is_missing(tmp_path, tiny_processor):
+    from transformers.utils import is_torchvision_available
+
+    assert not is_torchvision_available()  # this suite's environment (see setup.sh)
+    tiny_processor("llava").save_pretrained(tmp_path)
+    processor = load_processor(tmp_path)
+    assert type(processor).__name__ == "LlavaProcessor"
+    assert type(processor.image_processor).__name__.endswith("PilTorchResize")

@@ -258,7 +258,10 @@ def load_processor(
     The checkpoint's own class (AutoProcessor) wherever it constructs. Where it cannot be built
     here (Qwen2-VL / Qwen2.5-VL processors need torchvision for their video part), an image-only
     equivalent that makes the same inputs (`vlmexp.processors.QwenVLImageProcessor`); failing
-    both, the bare tokenizer (text-only models).
+    both, the bare tokenizer (text-only models). Without torchvision, transformers falls back
+    to PIL image processors, whose resizing differs from the default torchvision ones; they are
+    made to resize as torchvision does (`vlmexp.processors.torch_resizing`), so that a model
+    gets the same pixel values with or without torchvision.
 
     Example:
         >>> load_processor("models/base")                       # doctest: +SKIP
@@ -282,6 +285,12 @@ def load_processor(
         return _image_only_processor(folder, tokenizer) or tokenizer
     if not hasattr(processor, "image_processor"):  # a bare tokenizer: no processor class named
         return _image_only_processor(folder, processor) or processor
+    from transformers.utils import is_torchvision_available
+
+    if not is_torchvision_available():  # PIL image processors: resize as torchvision would
+        from vlmexp.processors import torch_resizing
+
+        torch_resizing(processor.image_processor)
     return processor
 
 

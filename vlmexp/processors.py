@@ -6,10 +6,11 @@ tokenizer: `input_ids` with each `<|image_pad|>` expanded to prod(image_grid_thw
 copies, `pixel_values`, `image_grid_thw` and `mm_token_type_ids` (1 on image tokens).
 `vlmexp.checkpoint.load_processor` is the one place that chooses between the two.
 
-The real class resizes with torchvision (bicubic, antialiased, on a uint8 tensor), which PIL's
-bicubic does not reproduce (up to 0.35 apart in normalized pixel values on noisy images);
-`qwen_vl_image_processor` therefore resizes with torch's own antialiased bicubic interpolation,
-exactly as torchvision calls it, so that `pixel_values` match the real class
+The real classes resize with torchvision (antialiased, on a uint8 tensor), which the PIL image
+processors transformers falls back to without torchvision do not reproduce (Qwen2-VL: up to 0.35
+apart in normalized pixel values on noisy images; CLIP, Gemma 3, Idefics3: up to 0.03);
+`torch_resizing` makes a PIL image processor resize with torch's own antialiased kernels,
+exactly as torchvision calls them, so that `pixel_values` match the real classes to 3e-7
 (`benchmarks/processor_check.py` compares them where torchvision is installed).
 
 Example:
@@ -28,38 +29,87 @@ import numpy as np
 def qwen_vl_image_processor(**settings: Any) -> Any:
     """A Qwen2-VL image processor that needs no torchvision and makes the pixel values the
     default (torchvision) `Qwen2VLImageProcessor` makes, from its saved settings."""
-    return _torch_resize_class()(**settings)
+    from transformers import Qwen2VLImageProcessorPil
+
+    return torch_resizing(Qwen2VLImageProcessorPil(**settings))
+
+
+def torch_resizing(image_processor: Any) -> Any:
+    """`image_processor` (a PIL-backend image processor, which transformers uses where
+    torchvision is missing) made to resize as its torchvision twin does, in place; any other
+    image processor is returned as it is.
+
+    Example:
+        >>> from transformers import CLIPImageProcessorPil
+        >>> type(torch_resizing(CLIPImageProcessorPil())).__name__
+        'CLIPImageProcessorPilTorchResize'
+    """
+    from transformers.image_processing_backends import PilBackend
+
+    cls = type(image_processor)
+    if isinstance(image_processor, PilBackend) and not cls.__name__.endswith("TorchResize"):
+        image_processor.__class__ = _with_torch_resize(cls)
+    return image_processor
 
 
 @cache
-def _torch_resize_class() -> type:
+def _with_torch_resize(cls: type) -> type:
+    """`cls` with `_TorchResize` between it and the PIL backend whose resize it would call."""
+    return type(f"{cls.__name__}TorchResize", (cls, _torch_resize_mixin()), {})
+
+
+@cache
+def _torch_resize_mixin() -> type:
     import torch
-    from transformers import Qwen2VLImageProcessorPil
     from transformers.image_processing_backends import PilBackend
     from transformers.image_utils import PILImageResampling
 
+    modes = {PILImageResampling.BICUBIC: "bicubic", PILImageResampling.BILINEAR: "bilinear",
+             PILImageResampling.LANCZOS: "lanczos"}
+
     class TorchResize(PilBackend):
-        """Resizes as torchvision's `resize` does on the CPU with bicubic interpolation:
-        `interpolate(..., mode="bicubic", antialias=True)` on the image as it is (uint8)."""
+        """Resizes as torchvision's `resize` does on the CPU: torch's antialiased bicubic,
+        bilinear or Lanczos `interpolate` on the image as it is (uint8 goes to torch's native
+        kernels, as torchvision sends it on x86 with AVX2 and on ARM)."""
 
         def resize(self, image: np.ndarray, size: Any, resample: Any = None,
                    **kwargs: Any) -> np.ndarray:
-            if not (size.height and size.width) or resample != PILImageResampling.BICUBIC:
+            mode = modes.get(resample)
+            if mode is None or image.ndim != 3:
                 return super().resize(image, size, resample=resample, **kwargs)
+            new_size = _output_size(image, size)
+            if tuple(image.shape[-2:]) == new_size:
+                return image  # torchvision leaves an image of the right size untouched
             x = torch.from_numpy(np.ascontiguousarray(image)).unsqueeze(0)
             if x.dtype not in (torch.uint8, torch.float32, torch.float64):
                 x = x.to(torch.float32)
-            # on the CPU torchvision hands uint8 straight to torch's native uint8 kernel
-            y = torch.nn.functional.interpolate(x, size=(size.height, size.width),
-                                                mode="bicubic", align_corners=False,
-                                                antialias=True)
+            y = torch.nn.functional.interpolate(x, size=new_size, mode=mode,
+                                                align_corners=False, antialias=True)
             return y[0].numpy()
 
-    # between the Qwen class (which picks the size) and the PIL backend (which it would call)
-    class Qwen2VLImageProcessorTorchResize(Qwen2VLImageProcessorPil, TorchResize):
-        pass
+    return TorchResize
 
-    return Qwen2VLImageProcessorTorchResize
+
+def _output_size(image: np.ndarray, size: Any) -> tuple[int, int]:
+    """The (height, width) the PIL backend's `resize` computes for a channels-first image."""
+    from transformers import image_processing_backends as b
+
+    height, width = b.get_image_size(image, channel_dim=b.ChannelDimension.FIRST)
+    if size.shortest_edge and size.longest_edge:
+        new = b.get_size_with_aspect_ratio((height, width), size.shortest_edge, size.longest_edge)
+    elif size.shortest_edge:
+        new = b.get_resize_output_image_size(image, size=size.shortest_edge,
+                                             default_to_square=False,
+                                             input_data_format=b.ChannelDimension.FIRST)
+    elif size.max_height and size.max_width:
+        new = b.get_image_size_for_max_height_width((height, width), size.max_height,
+                                                    size.max_width)
+    elif size.height and size.width:
+        new = (size.height, size.width)
+    else:
+        raise ValueError(f"an image size needs height and width, max_height and max_width, or "
+                         f"shortest_edge; got {size}")
+    return int(new[0]), int(new[1])
 
 
 class QwenVLImageProcessor:
