@@ -101,3 +101,6 @@ def test_the_loader_resizes_as_torchvision_where_it_is_missing(tmp_path, tiny_pr
     processor = load_processor(tmp_path)
     assert type(processor).__name__ == "LlavaProcessor"
     assert type(processor.image_processor).__name__.endswith("PilTorchResize")
+    processor.save_pretrained(tmp_path / "again")  # saved under the checkpoint's own class
+    saved = json.loads((tmp_path / "again" / "processor_config.json").read_text())
+    assert saved["image_processor"]["image_processor_type"] == "CLIPImageProcessorPil"

@@ -55,7 +55,13 @@ def torch_resizing(image_processor: Any) -> Any:
 @cache
 def _with_torch_resize(cls: type) -> type:
     """`cls` with `_TorchResize` between it and the PIL backend whose resize it would call."""
-    return type(f"{cls.__name__}TorchResize", (cls, _torch_resize_mixin()), {})
+    def to_dict(self: Any) -> dict[str, Any]:
+        # saved files name the checkpoint's own class, so that they load anywhere as before
+        out = cls.to_dict(self)
+        out["image_processor_type"] = cls.__name__
+        return out
+
+    return type(f"{cls.__name__}TorchResize", (cls, _torch_resize_mixin()), {"to_dict": to_dict})
 
 
 @cache
