@@ -66,7 +66,7 @@ def test_resizing_is_torchs_antialiased_bicubic_on_the_uint8_image():
     pil = Qwen2VLImageProcessorPil(**SETTINGS)(images=[image], return_tensors="pt")
     # the reference: torch's kernel on the uint8 image, then rescale, normalize and patchify
     # as the PIL class does (a resize-free image goes through it unchanged)
-    x = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).unsqueeze(0)
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0)
     resized = torch.nn.functional.interpolate(x, size=(336, 504), mode="bicubic",
                                               align_corners=False, antialias=True)[0]
     ref = Qwen2VLImageProcessorPil(**SETTINGS)(
@@ -84,7 +84,7 @@ def test_torch_resizing_follows_the_pil_backends_size_rules():
     ours = torch_resizing(CLIPImageProcessorPil(**settings))
     assert type(ours).__name__ == "CLIPImageProcessorPilTorchResize"
     got = ours(images=[image], return_tensors="pt")["pixel_values"]
-    x = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).unsqueeze(0)
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0)
     resized = torch.nn.functional.interpolate(x, size=(336, 448), mode="bicubic",
                                               align_corners=False, antialias=True)[0]
     ref = CLIPImageProcessorPil(**settings)(
