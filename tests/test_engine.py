@@ -319,8 +319,18 @@ def test_recipe_naming_an_unloaded_donor_or_wrong_digest_is_refused(engine, fami
 
 
 def test_take_from_a_donor_without_that_component_is_refused(engine):
-    with pytest.raises(RecipeError, match="take.vision: donor 'text' has no vision parameters"):
+    with pytest.raises(RecipeError, match="take.vision: donor 'text' has no tensors aligned "
+                                          "with the base's vision"):
         engine.apply(recipe(take={"vision": "text"}))
+
+
+def test_a_weight_that_cannot_change_the_model_is_refused(engine):
+    # the text-only donor reaches the language model, embeddings and head, not the vision tower
+    assert set(engine.reach["text"]) == {"language", "embed", "head"}
+    assert set(engine.reach["vqa"]) >= {"vision", "projector", "language"}
+    with pytest.raises(RecipeError, match=r"components\.vision\.text: donor 'text' has no "
+                                          r"tensors aligned with the base's vision"):
+        engine.apply(recipe(components={"vision": {"text": {"weight": 0.5}}}))
 
 
 @pytest.mark.parametrize("method,comps,params", [

@@ -197,10 +197,18 @@ def test_a_tied_qwen2_vl_round_trips_through_the_hub_and_a_merge(hub, tmp_path, 
     assert loaded.lm_head.weight is loaded.get_input_embeddings().weight
     assert torch.equal(loaded.lm_head.weight, base.lm_head.weight)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "method": "task_arithmetic", "base": "org/qwen-base",
-        "donors": [{"name": "ft", "path": "org/qwen-ft"}],
-        "components": {c: {"ft": {"weight": 0.5}} for c in ("embed", "head", "language")}}))
+
+    def write(components: tuple[str, ...]) -> None:
+        recipe.write_text(yaml.safe_dump({
+            "method": "task_arithmetic", "base": "org/qwen-base",
+            "donors": [{"name": "ft", "path": "org/qwen-ft"}],
+            "components": {c: {"ft": {"weight": 0.5}} for c in components}}))
+
+    # the head is the embeddings here: a head weight could change nothing, and is refused
+    write(("embed", "head", "language"))
+    assert main(["merge", str(recipe), "--out", str(tmp_path / "merged")]) == 2
+    assert not (tmp_path / "merged").exists()
+    write(("embed", "language"))
     assert main(["merge", str(recipe), "--out", str(tmp_path / "merged")]) == 0
     merged = tf.AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")
     embed = merged.get_input_embeddings().weight

@@ -130,3 +130,22 @@ def test_saved_legacy_and_native_give_the_same_layout(capsys, tiny, saved, name)
     assert alignment["kind"] == "same" and alignment["missing"] == []
     assert alignment["mapping"] == {n: n for n in want.params}
     assert alignment["config_diffs"] == []
+
+
+def test_inspect_shows_what_cannot_be_merged_and_what_each_donor_reaches(tmp_path, capsys):
+    from vlmexp.checkpoint import save_model
+    from vlmexp.zoo.tiny import perturb, qwen2_vl
+
+    folder = save_model(qwen2_vl(tie_word_embeddings=True), tmp_path / "tied")
+    donor = save_model(perturb(qwen2_vl(tie_word_embeddings=True), 1), tmp_path / "ft")
+    assert main(["inspect", str(folder), str(donor)]) == 0
+    out = capsys.readouterr().out
+    assert "  tied: model.language_model.embed_tokens.weight = lm_head.weight" in out
+    assert "  cannot be merged: head (no tensors of its own)" in out
+    assert "  reaches: vision (25 tensors), projector (6 tensors), language (25 tensors), " \
+           "embed (1 tensors)\n  cannot change: nothing\n" in out
+    assert main(["inspect", "tiny:qwen2_vl", "tiny:qwen2", "tiny:qwen2_vl", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)["alignments"]
+    assert found["tiny:qwen2"]["reach"] == {"language": 25, "embed": 1, "head": 1}
+    assert found["tiny:qwen2_vl"]["reach"] == {"vision": 25, "projector": 6, "language": 25,
+                                               "embed": 1, "head": 1}

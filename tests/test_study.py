@@ -204,3 +204,44 @@ def test_setup_engine_opens_a_pickle_donor_only_with_allow_pickle(tmp_path, mode
     from vlmexp.checkpoint import weights_sha256
 
     assert engine.input_digest("vqa") == weights_sha256(vqa)
+
+
+def test_a_setting_that_cannot_change_the_model_is_refused_before_loading(tmp_path, models,
+                                                                          monkeypatch, capsys):
+    """A vision weight for the text-only donor, and a head weight on a model whose head is its
+    token embeddings: one-line errors from the models' configs, before any weight is read."""
+    from vlmexp import checkpoint
+    from vlmexp.cli import main
+    from vlmexp.errors import ConfigError
+    from vlmexp.search.study import setup
+    from vlmexp.zoo.tiny import perturb, qwen2_vl
+    from vlmexp.zoo.tiny_processors import build_processor
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(checkpoint, "open_model", no_loading)
+    cfg = config(tmp_path, models, "+space.components.vision.text.weight=[0.0,1.0]")
+    with pytest.raises(ConfigError, match=r"^space\.components\.vision\.text: donor 'text' has "
+                                          r"no tensors aligned with the base's vision \(it "
+                                          r"reaches: language, embed, head\)"):
+        setup(cfg)
+
+    base = qwen2_vl(tie_word_embeddings=True)
+    qwen = {"base": base, "ft": perturb(copy.deepcopy(base), 1)}
+    for name, model in qwen.items():
+        checkpoint.save_model(model, tmp_path / name, processor=build_processor("qwen2_vl"))
+    args = ["search", f"models.base={tmp_path / 'base'}", "~models.donors.text",
+            f"models.donors.vqa.path={tmp_path / 'ft'}", "space=demo",
+            *(f"~space.components.{c}.text" for c in ("language", "embed", "head")),
+            f"search.storage=sqlite:///{tmp_path / 'o.db'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", "--no-progress"]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vlmexp search: error: space.components.head.vqa: "
+                                               "Qwen2VLForConditionalGeneration has no head "
+                                               "tensors of its own (its head is tied to the token "
+                                               "embeddings")
+    assert not (tmp_path / "m.db").exists() and not (tmp_path / "o.db").exists()

@@ -250,6 +250,32 @@ def open_model(
                        source=source)
 
 
+def model_skeleton(path_or_id: str | os.PathLike | ResolvedModel, revision: str | None = None,
+                   *, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model's module tree from its config alone, with every tensor on the meta device:
+    its names, shapes, dtypes and ties, and no weight read (for checks before loading).
+
+    Example:
+        >>> model_skeleton("models/base").lm_head.weight.device  # doctest: +SKIP
+        device(type='meta')
+    """
+    from transformers import AutoConfig
+
+    source = path_or_id if isinstance(path_or_id, ResolvedModel) else resolve_model(
+        path_or_id, revision)
+    try:
+        config = AutoConfig.from_pretrained(source.folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{source.spec}: cannot read config ({one_line(err)})") from err
+    auto = auto_model_class(config, trust_remote_code=trust_remote_code)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    with torch.device("meta"):
+        model = auto.from_config(config, trust_remote_code=trust_remote_code)
+    if isinstance(dtype, torch.dtype):
+        model = model.to(dtype)
+    return model
+
+
 def load_processor(
     path: str | os.PathLike, revision: str | None = None, *, trust_remote_code: bool = False
 ) -> Any | None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -385,11 +386,22 @@ class Alignment:
     base: str = ""
     donor: str = ""
 
-    def describe(self) -> str:
-        """A few lines for people: what maps, what keeps the base's weights, what differs."""
+    def reach(self, layout: Layout) -> dict[str, int]:
+        """Component → how many of the base's tensors (`layout`) the donor changes there."""
+        counts = Counter(layout.params[n].component for n in self.mapping if n in layout.params)
+        return {c: counts[c] for c in COMPONENTS if counts[c]}
+
+    def describe(self, layout: Layout | None = None) -> str:
+        """A few lines for people: what maps, what keeps the base's weights, what differs, and
+        (given the base's layout) which components the donor can change."""
         what = "same architecture" if self.kind == "same" else "LLM → VLM"
         lines = [f"{what}: {self.donor or 'donor'} → {self.base or 'base'}: "
                  f"{len(self.mapping)} tensors mapped, {len(self.missing)} keep the base's weights"]
+        if layout is not None:
+            reach = self.reach(layout)
+            lines.append("  reaches: " + ", ".join(f"{c} ({n} tensors)" for c, n in reach.items()))
+            lines.append("  cannot change: " + (", ".join(
+                c for c in COMPONENTS if c not in reach and layout.by_component(c)) or "nothing"))
         if self.missing:
             lines.append(f"  kept from the base: {_first(self.missing)}")
         for name, n in self.rows.items():
@@ -568,3 +580,28 @@ def align(base: nn.Module, donor: nn.Module, *, vocab: str = "error") -> Alignme
         base=bl.architecture,
         donor=dl.architecture,
     )
+
+
+def inert(component: str, layout: Layout, reach: Mapping[str, int] | None = None,
+          donor: str | None = None) -> str | None:
+    """Why a merge setting on `component` (for `donor`, whose task vector reaches `reach`)
+    cannot change the model, or None when it can.
+
+    Example:
+        >>> from vlmexp.zoo.tiny import qwen2_vl
+        >>> inert("head", discover(qwen2_vl(tie_word_embeddings=True)))[:48]
+        'Qwen2VLForConditionalGeneration has no head tens'
+    """
+    if component not in COMPONENTS:
+        return f"unknown component {component!r} (known: {', '.join(COMPONENTS)})"
+    if not layout.by_component(component):
+        why = f"{layout.architecture} has no {component} tensors of its own"
+        tied_to = sorted({layout.params[n].component for n in layout.ties})
+        if component == "head" and "embed" in tied_to:
+            why += " (its head is tied to the token embeddings: set the weight on embed)"
+        return why + ", so a setting there changes nothing"
+    if donor is not None and reach is not None and not reach.get(component):
+        reached = ", ".join(c for c in COMPONENTS if reach.get(c)) or "nothing"
+        return (f"donor {donor!r} has no tensors aligned with the base's {component} (it "
+                f"reaches: {reached}), so a setting there changes nothing")
+    return None

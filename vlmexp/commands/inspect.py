@@ -1,6 +1,11 @@
-"""`python -m vlmexp inspect MODEL [OTHER] [--json]`: a model's layout, and how another aligns.
+"""`python -m vlmexp inspect MODEL [DONOR ...] [--json]`: a model's layout, and how donors align.
 
-MODEL and OTHER are model folders or hub ids (`org/name[@revision]`, through the Hugging Face
+For MODEL: its components (blocks, tensors, bytes; a component with no tensors of its own, such
+as the head of a model that ties it to its embeddings, cannot be merged) and its tied tensors.
+For each DONOR: how it aligns (same architecture, or a text-only LLM onto the language model),
+which components of MODEL it reaches and which it cannot change.
+
+MODEL and DONOR are model folders or hub ids (`org/name[@revision]`, through the Hugging Face
 cache), opened with `vlmexp.checkpoint.open_model` (safetensors only unless --allow-pickle), or
 `tiny:NAME`, a built-in tiny random model from `vlmexp.zoo.tiny` (nothing on disk needed).
 
@@ -23,11 +28,11 @@ if TYPE_CHECKING:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "inspect", help="show a model's components and blocks; with OTHER, how it aligns",
+        "inspect", help="show a model's components and blocks; with donors, what each can change",
         description=__doc__.splitlines()[0])
     p.add_argument("model", metavar="MODEL", help="model folder, hub id or tiny:NAME")
-    p.add_argument("other", metavar="OTHER", nargs="?",
-                   help="a second model (donor): report whether and how it aligns with MODEL")
+    p.add_argument("others", metavar="DONOR", nargs="*",
+                   help="donors: report how each aligns with MODEL and what it can change")
     p.add_argument("--vocab", default="error",
                    help="when vocabulary sizes differ: error (refuse, the default) or "
                         "common_rows (share the common rows); see vlmexp.layout.VOCAB_POLICIES")
@@ -76,6 +81,8 @@ def _size(n: int) -> str:
 
 
 def format_layout(spec: str, layout: Layout) -> str:
+    from vlmexp.layout import COMPONENTS, inert
+
     lines = [f"{spec}: {layout.architecture}",
              f"  {'component':<10} {'blocks':>6} {'tensors':>8} {'parameters':>12}  "
              f"{'dtype':<10} {'bytes':>10}  module"]
@@ -87,6 +94,9 @@ def format_layout(spec: str, layout: Layout) -> str:
                      f"{','.join(s['dtypes']) or '-':<10} {_size(s['bytes']):>10}  {where}")
     for name, ties in layout.ties.items():
         lines.append(f"  tied: {name} = {', '.join(ties)}")
+    empty = [c for c in COMPONENTS if c != "other" and inert(c, layout)]
+    if empty:
+        lines.append(f"  cannot be merged: {', '.join(empty)} (no tensors of its own)")
     lines.append(f"  other: {', '.join(layout.other) if layout.other else 'none'}")
     if layout.buffers:
         lines.append(f"  persistent buffers (not merged): {', '.join(layout.buffers)}")
@@ -98,20 +108,24 @@ def run(args: argparse.Namespace) -> int:
 
     opts = {"trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle}
     model = load(args.model, **opts)
-    layouts = [(args.model, discover(model))]
-    alignment: Alignment | None = None
-    if args.other is not None:
-        other = load(args.other, **opts)
-        layouts.append((args.other, discover(other)))
-        alignment = align(model, other, vocab=args.vocab)
+    layout = discover(model)
+    layouts = [(args.model, layout)]
+    alignments: dict[str, Alignment] = {}
+    for spec in args.others:
+        other = load(spec, **opts)
+        layouts.append((spec, discover(other)))
+        alignments[spec] = align(model, other, vocab=args.vocab)
     if args.json:
         out: dict[str, Any] = {"models": [layout_dict(s, lay) for s, lay in layouts]}
-        if alignment is not None:
-            out["alignment"] = alignment.to_dict()
+        found = {spec: {**a.to_dict(), "reach": a.reach(layout)} for spec, a in alignments.items()}
+        if found:
+            out["alignments"] = found
+        if len(found) == 1:
+            out["alignment"] = next(iter(found.values()))
         print(json.dumps(out, indent=2))
     else:
         print("\n\n".join(format_layout(s, lay) for s, lay in layouts))
-        if alignment is not None:
+        for alignment in alignments.values():
             print()
-            print(alignment.describe())
+            print(alignment.describe(layout))
     return 0

@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from vlmexp.errors import MergeError, RecipeError
-from vlmexp.layout import Alignment, Layout, ParamInfo, align, discover
+from vlmexp.layout import Alignment, Layout, ParamInfo, align, discover, inert
 from vlmexp.merge import kernels, methods
 from vlmexp.merge.recipe import ModelRef, Recipe
 
@@ -140,6 +140,7 @@ class MergeEngine:
             name: self._params[name].detach().clone() for name in self.layout.params
         }
         self.task_vectors: dict[str, dict[str, torch.Tensor]] = {}
+        self.reach: dict[str, dict[str, int]] = {}  # donor -> component -> tensors it changes
         self._input_digests: dict[str, str] = {}
         self._dirty: set[str] = set()
         self.masks = _MaskCache(mask_cache_bytes)
@@ -199,6 +200,7 @@ class MergeEngine:
                     self.math_dtype)
             vectors[base_name] = tv
         self.task_vectors[name] = vectors
+        self.reach[name] = alignment.reach(self.layout)
         from vlmexp.checkpoint import weights_sha256
 
         self._input_digests[name] = weights_sha256(donor_model)
@@ -415,10 +417,15 @@ class MergeEngine:
         if recipe.vocab != self.vocab:
             raise RecipeError(f"vocab: the recipe asks for {recipe.vocab!r} but the engine aligned "
                               f"its donors with {self.vocab!r}")
+        for comp, per_donor in recipe.components.items():
+            for donor in per_donor:
+                why = inert(comp, self.layout, self.reach[donor], donor)
+                if why:
+                    raise RecipeError(f"components.{comp}.{donor}: {why}")
         for comp, donor in recipe.take.items():
-            if not any(self.layout.params[n].component == comp
-                       for n in self.task_vectors[donor]):
-                raise RecipeError(f"take.{comp}: donor {donor!r} has no {comp} parameters")
+            why = inert(comp, self.layout, self.reach[donor], donor)
+            if why:
+                raise RecipeError(f"take.{comp}: {why}")
 
     def state_dict_view(self) -> dict[str, torch.Tensor]:
         """The live parameters by canonical name (no copies)."""

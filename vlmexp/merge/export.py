@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import AutoConfig
 
-from vlmexp.checkpoint import ResolvedModel, auto_model_class, resolve_model, stored_tensor_names
+from vlmexp.checkpoint import ResolvedModel, model_skeleton, resolve_model, stored_tensor_names
 from vlmexp.errors import RecipeError
 from vlmexp.layout import Layout, align, discover
 from vlmexp.merge.methods import METHODS, resolve_donor_params, resolve_params
@@ -44,14 +43,9 @@ def mergekit_config(recipe: Recipe, *, trust_remote_code: bool = False,
     sources.update({d.name: resolve_model(d.path, d.revision, allow_pickle=allow_pickle)
                     for d in recipe.donors})
 
-    def skeleton(source: ResolvedModel) -> torch.nn.Module:
-        config = AutoConfig.from_pretrained(source.folder, trust_remote_code=trust_remote_code)
-        auto = auto_model_class(config, trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
-            return auto.from_config(config, trust_remote_code=trust_remote_code)
-
-    base = skeleton(sources["base"])
-    donors = {d.name: skeleton(sources[d.name]) for d in recipe.donors}
+    opts = {"trust_remote_code": trust_remote_code}
+    base = model_skeleton(sources["base"], **opts)
+    donors = {d.name: model_skeleton(sources[d.name], **opts) for d in recipe.donors}
     kinds = {name: align(base, model, vocab=recipe.vocab).kind for name, model in donors.items()}
     if all(kind == "same" for kind in kinds.values()):
         _check_native_layout("base", sources["base"], base, allow_pickle=allow_pickle)

@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from vlmexp.errors import ConfigError, RecipeError
-from vlmexp.layout import COMPONENTS
+from vlmexp.layout import COMPONENTS, Layout, inert
 from vlmexp.merge.recipe import ModelRef, Recipe
 
 Slot = tuple[str | None, str | None, str, int | None]  # (component, donor, parameter, knot)
@@ -48,10 +48,14 @@ class SearchSpace:
         space: the `space` config (components, parameters, knots, methods, pin, take, tie, shared).
         merge: the `merge` config (method, parameters, dtype, seed, vocab).
         base: the base model reference; donors: the donors, in recipe order.
+        layout: the base's layout and `reach`, donor → {component: tensors its task vector
+            reaches} (`Alignment.reach`): given both, a component or donor setting that cannot
+            change the model is a ConfigError (`layout.inert`).
     """
 
     def __init__(self, space: Mapping[str, Any], merge: Mapping[str, Any], base: ModelRef,
-                 donors: Sequence[ModelRef]) -> None:
+                 donors: Sequence[ModelRef], *, layout: Layout | None = None,
+                 reach: Mapping[str, Mapping[str, int]] | None = None) -> None:
         self.components: dict[str, dict[str, dict[str, Any]]] = {
             str(c): {str(d): dict(p or {}) for d, p in (v or {}).items()}
             for c, v in (space.get("components") or {}).items()}
@@ -70,6 +74,8 @@ class SearchSpace:
         self.base = base
         self.donors = list(donors)
         self._check_components()
+        if layout is not None and reach is not None:
+            self._check_reach(layout, reach)
         self.param_names = self._param_names()
         self._check()
 
@@ -84,6 +90,25 @@ class SearchSpace:
                 if donor not in names:
                     raise ConfigError(f"space.components.{comp}.{donor}: unknown donor "
                                       f"(models.donors: {', '.join(sorted(names))})")
+
+    def _check_reach(self, layout: Layout, reach: Mapping[str, Mapping[str, int]]) -> None:
+        """Every setting must be able to change the model: a component the base has, a donor
+        whose task vector reaches it."""
+        for comp, per_donor in self.components.items():
+            if comp in self.pin or comp in self.take:
+                continue
+            for donor in per_donor:
+                why = inert(comp, layout, reach.get(donor, {}), donor)
+                if why:
+                    raise ConfigError(f"space.components.{comp}.{donor}: {why}")
+        for comp, donor in self.take.items():
+            why = inert(comp, layout, reach.get(donor, {}), donor)
+            if why:
+                raise ConfigError(f"space.take.{comp}: {why}")
+        for comp in self.pin:
+            why = inert(comp, layout)
+            if why:
+                raise ConfigError(f"space.pin: {comp}: {why}")
 
     def _check(self) -> None:
         takes = {p.name for m in self.methods for p in self._method_spec(m).donor_params}

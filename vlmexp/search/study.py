@@ -27,6 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 from vlmexp.config import eval_config
 from vlmexp.errors import ConfigError, EvalError, MergeError, VlmexpError
 from vlmexp.eval import EvalResult, Evaluator
+from vlmexp.layout import Layout, align, discover
 from vlmexp.merge.engine import MergeEngine
 from vlmexp.merge.recipe import ModelRef
 from vlmexp.search.pruning import Pruning
@@ -76,6 +77,30 @@ def resolve_models(models: Mapping[str, Any], *, progress: bool = True
     if not donors:
         raise ConfigError("models.donors: name at least one donor")
     return base, donors
+
+
+def preflight(base: ModelRef, donors: Sequence[ModelRef], *, vocab: str,
+              trust_remote_code: bool = False) -> tuple[Layout, dict[str, dict[str, int]]]:
+    """The base's layout and what each donor can change (component → tensors), from the
+    models' configs alone (no weight is read), so that a space that cannot work is refused
+    before anything is loaded."""
+    from vlmexp.checkpoint import model_skeleton
+    from vlmexp.errors import AlignmentError
+
+    opts = {"trust_remote_code": trust_remote_code}
+    skeleton = model_skeleton(base.path, base.revision, **opts)
+    layout = discover(skeleton)
+    reach: dict[str, dict[str, int]] = {}
+    for d in donors:
+        try:
+            alignment = align(skeleton, model_skeleton(d.path, d.revision, **opts), vocab=vocab)
+        except AlignmentError as err:
+            raise ConfigError(f"models.donors.{d.name}: {err}") from None
+        if d.map != "auto" and alignment.kind != d.map:
+            raise ConfigError(f"models.donors.{d.name}.map: {d.map}, but {d.path} aligns with "
+                              f"the base as {alignment.kind}")
+        reach[d.name] = alignment.reach(layout)
+    return layout, reach
 
 
 def setup_engine(base: ModelRef, donors: Sequence[ModelRef], *, device: str, vocab: str,
@@ -147,11 +172,13 @@ def setup(cfg: DictConfig) -> Setup:
     device = resolve_device(str(cfg.device))
     models = node["models"]
     base, donors = resolve_models(models)
+    layout, reach = preflight(base, donors, vocab=node["merge"]["vocab"],
+                              trust_remote_code=models["trust_remote_code"])
+    space = SearchSpace(node["space"], node["merge"], base, donors, layout=layout, reach=reach)
     engine = setup_engine(base, donors, device=device, vocab=node["merge"]["vocab"],
                           trust_remote_code=models["trust_remote_code"],
                           allow_pickle=models["allow_pickle"])
     evaluator = setup_evaluator(node["eval"], engine.processor, device=device)
-    space = SearchSpace(node["space"], node["merge"], base, donors)
     pruning = Pruning(objectives=objectives, **search["pruning"])
     study = setup_study(str(cfg.study_name), storage=search["storage"],
                         sampler=search["sampler"], seed=search["seed"], objectives=objectives,
