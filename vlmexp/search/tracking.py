@@ -234,6 +234,7 @@ class Tracker:
         self.experiment = experiment
         self.study_name = study_name
         self.log_items = log_items
+        self.task_tags: dict[str, str] = {}  # set by start(tasks=...)
         self.parent_run_id: str | None = None
         self.objectives: list[str] = []
         self.directions: list[str] = []
@@ -292,6 +293,9 @@ class Tracker:
         if len(objectives) != len(directions):
             raise TrackingError(f"{len(objectives)} objectives but {len(directions)} directions")
         self.objectives = list(objectives)
+        # every trial run carries its tasks' identities too, so runs compare only like with like
+        self.task_tags = {_key(f"{TASK_PREFIX}{name}"): _clip(identity, _MAX_TAG)
+                          for name, identity in (tasks or {}).items()}
         self.directions = [direction(d) for d in directions]
         plain = _plain(config)
         params = flatten_config(plain)
@@ -358,6 +362,7 @@ class Tracker:
         with as_tracking_error(f"MLflow: log trial {record.number}"):
             tags, params, metrics = _trial_entries(record, state, self.parent_run_id,
                                                    self.study_name)
+            tags.update(self.task_tags)
             try:
                 run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
                 run_id = run.info.run_id
