@@ -209,3 +209,21 @@ def test_cli_takes_the_eval_group_of_the_search_config(tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", "tiny:llava", "eval=nope"]) == 2
     assert "Could not find 'eval/nope'" in capsys.readouterr().err
+
+
+
+# --- CircularEval ---------------------------------------------------------------------------
+
+def test_circular_item_needs_every_rotation():
+    """The rule itself, on scores where some items pass every rotation."""
+    from vlmexp.eval.evaluator import _item_score
+    from vlmexp.eval.tasks import Item, Task
+
+    task = Task("t", 1, "image_choice", Path("t.yaml"), protocol="mmbench", circular=True)
+    item = Item(0, None, "q?", ("x", "y", "z"), "y", "row 0")
+    variants = task.variants(item)  # golds 1, 0, 2
+    right = _item_score("t", item, variants, [[0, 2, 1], [3, 1, 0], [0, 1, 5]])
+    assert (right.correct, right.margin, right.chosen) == (True, 1, "y")
+    assert right.rotations == [[3, 1, 0], [0, 1, 5]]
+    wrong = _item_score("t", item, variants, [[0, 2, 1], [3, 1, 0], [0, 6, 5]])
+    assert (wrong.correct, wrong.margin, wrong.chosen) == (False, -1, "y")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vlmexp.errors import EvalError
-from vlmexp.eval.tasks import load_task, load_tasks
+from vlmexp.eval.tasks import load_task, load_tasks, rotations
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "evals" / "examples"
 
@@ -176,3 +176,75 @@ def test_caption_list_rows_and_parquet_source(tmp_path):
                                      "data_files: d.parquet, split: train}\n")
     item = load_task(tmp_path / "d.yaml").items[0]
     assert (item.choices, item.answer, item.question) == (("a", "b"), "b", "q?")
+
+
+# --- VLMEvalKit TSVs and the MMBench protocol ----------------------------------------------------
+
+def _tsv_task(folder: Path, lines: list[str], extra: str = "") -> Path:
+    (folder / "m.tsv").write_text("\n".join(lines) + "\n")
+    path = folder / "m.yaml"
+    path.write_text(f"task: m\nkind: image_choice\nsource: {{type: tsv, path: m.tsv}}\n{extra}")
+    return path
+
+
+def test_tsv_missing_cells_and_letters_as_vlmevalkit(tmp_path):
+    good = base64.b64encode((EXAMPLES / "images" / "0000.png").read_bytes()).decode()
+    path = _tsv_task(tmp_path, [
+        "index\tquestion\thint\tA\tB\tC\tD\tanswer\timage",
+        f"7\tq?\tnan\tB\tA\tNaN\t\tA\t{good}",  # pandas: "nan"/"NaN"/empty are missing
+        "8\tq?\t \tx\ty\tz\tN/A\tC\t7",
+    ])
+    first, second = load_task(path).items
+    assert first.choices == ("B", "A") and first.answer == "B"  # letter A, though an option is "A"
+    assert first.hint is None and second.hint is None
+    assert second.choices == ("x", "y", "z") and second.answer == "z"
+    assert second.image is first.image
+    _tsv_task(tmp_path, ["index\tquestion\tA\tB\tC\tanswer\timage",
+                         f"0\tq?\tx\t\tz\tA\t{good}"])
+    with pytest.raises(EvalError, match="row 0: options A, C leave a gap"):
+        load_task(path)
+    _tsv_task(tmp_path, ["index\tquestion\tA\tB\tanswer\timage",
+                         f"0\tq?\tx\ty\tA\t{good}", "1\tq?\tx\ty\tA\t5"])
+    with pytest.raises(EvalError, match="row 1: image '5' names no other row's index"):
+        load_task(path)
+    _tsv_task(tmp_path, ["index\tquestion\tA\tB\tanswer\timage",
+                         f"0\tq?\tx\ty\tA\t{good}", "1000000\tq?\ty\tw\tB\t0"])
+    with pytest.raises(EvalError, match="row 1: a circular copy of index 0 must have its options"):
+        load_task(path)
+    _tsv_task(tmp_path, ["index\tquestion\tA\tB\tanswer\timage",
+                         f"0\tq?\tx\ty\tA\t{good}", "1000000\tq?\ty\tx\tA\t0"])
+    with pytest.raises(EvalError, match="answer 'x', has \\['y', 'x'\\] and 'y'"):
+        load_task(path)
+    # the data's copies are the orders asked, whatever they are; without copies, every shift
+    _tsv_task(tmp_path, ["index\tquestion\tA\tB\tC\tanswer\timage",
+                         f"0\tq?\tx\ty\tz\tA\t{good}", "2000000\tq?\ty\tx\tz\tB\t0",
+                         f"1\tq?\tx\ty\tz\tC\t{good}"], "protocol: mmbench\ncircular: true\n")
+    task = load_task(path)
+    copied, shifted = task.items
+    assert [(v.options, v.gold) for v in task.variants(copied)] == [(("x", "y", "z"), 0),
+                                                                   (("y", "x", "z"), 1)]
+    assert [v.options for v in task.variants(shifted)] == rotations(("x", "y", "z"))
+    # an index >= 10^6 without its original row is an item of its own
+    _tsv_task(tmp_path, ["index\tquestion\tA\tB\tanswer\timage",
+                         f"1000003\tq?\tx\ty\tB\t{good}"])
+    (item,) = load_task(path).items
+    assert item.copies == () and item.answer == "y"
+
+
+def test_protocol_keys_are_checked(tmp_path):
+    base = "task: m\nkind: image_choice\nsource: {type: jsonl, path: d.jsonl}\n"
+    (tmp_path / "d.jsonl").write_text(json.dumps(_row()) + "\n")
+    cases = {"protocol: vqa\n": "protocol 'vqa' is not one of cloze, mmbench",
+             "circular: true\n": "circular: true needs protocol: mmbench",
+             "protocol: mmbench\ncircular: 1\n": "circular: 1 is not true or false"}
+    for extra, message in cases.items():
+        (tmp_path / "m.yaml").write_text(base + extra)
+        with pytest.raises(EvalError, match=message):
+            load_task(tmp_path / "m.yaml")
+    (tmp_path / "m.yaml").write_text(base)
+    task = load_task(tmp_path / "m.yaml")
+    assert (task.protocol, task.circular, task.protocol_name) == ("cloze", False, "cloze")
+    (tmp_path / "c.yaml").write_text((EXAMPLES / "captions.yaml").read_text().replace(
+        "captions.jsonl", str(EXAMPLES / "captions.jsonl")) + "protocol: mmbench\n")
+    with pytest.raises(EvalError, match="keys of image_choice tasks only"):
+        load_task(tmp_path / "c.yaml")
