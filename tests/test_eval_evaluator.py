@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import copy
+import hashlib
+import io
 import json
 import math
+import string
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -209,3 +214,202 @@ def test_cli_takes_the_eval_group_of_the_search_config(tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", "tiny:llava", "eval=nope"]) == 2
     assert "Could not find 'eval/nope'" in capsys.readouterr().err
+
+
+# --- MMBench protocol and CircularEval: scores computed by hand -------------------------------
+
+def _vlmevalkit_prompt(row: dict) -> str:
+    """VLMEvalKit's ImageMCQDataset.build_prompt (vlmeval/dataset/image_mcq.py), on a raw row."""
+    options = {c: row[c] for c in string.ascii_uppercase if c in row and not pd.isna(row[c])}
+    prompt = f"Hint: {row['hint']}\n" if not pd.isna(row.get("hint", math.nan)) else ""
+    prompt += f"Question: {row['question']}\nOptions:\n"
+    prompt += "".join(f"{key}. {item}\n" for key, item in options.items())
+    return prompt + "Please select the correct answer from the options above. \n"
+
+
+def _letter_scores(model, proc, image, text: str, n: int) -> list[float]:
+    """One plain forward over the exact prompt tokens; the letters' log-probabilities at its end
+    (the tiny tokenizer writes " A" after "Answer:" as the one token "▁A")."""
+    enc = proc(images=[image], text=[f"<image>\n{text}\nAnswer:"], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc).logits[0, -1]
+    ids = proc.tokenizer.convert_tokens_to_ids([f"▁{c}" for c in string.ascii_uppercase[:n]])
+    return torch.log_softmax(logits.float(), -1)[ids].tolist()
+
+
+def _by_hand(model, proc, prompts: dict[int, list[tuple[object, str, int, int]]],
+             categories: dict[int, str]) -> dict[str, float]:
+    """acc, acc/<category> and the CircularEval acc from group -> [(image, text, options, gold)]
+    (the original order first); also the per-prompt scores and hits, for the item checks."""
+    hits = {g: [] for g in prompts}
+    scores = {g: [] for g in prompts}
+    for g, asked in prompts.items():
+        for image, text, n, gold in asked:
+            s = _letter_scores(model, proc, image, text, n)
+            ranked = sorted(s, reverse=True)
+            assert ranked[0] - ranked[1] > 1e-4  # no near-tie: the argmax is the same either way
+            scores[g].append(s)
+            hits[g].append(max(range(n), key=s.__getitem__) == gold)
+    vanilla = {g: h[0] for g, h in hits.items()}
+    circular = {g: all(h) for g, h in hits.items()}
+
+    def report(hit: dict[int, bool], name: str) -> dict[str, float]:
+        out = {name: sum(hit.values()) / len(hit)}
+        for c in sorted(set(categories.values())):
+            group = [hit[g] for g in hit if categories[g] == c]
+            out[f"{name}/{c}"] = sum(group) / len(group)
+        return out
+
+    return {"plain": report(vanilla, "acc"), "circular": report(circular, "acc"),
+            "scores": scores, "vanilla_hits": vanilla, "circular_hits": circular}
+
+
+@pytest.fixture(scope="module")
+def mmbench_by_hand(tiny, tiny_processor):
+    """The MMBench example read with pandas as VLMEvalKit reads it, images named by index
+    resolved, each row (original and circular copies) prompted and scored by hand."""
+    from PIL import Image
+
+    frame = pd.read_csv(EXAMPLES / "mmbench_dev.tsv", sep="\t")
+    images = {str(i): str(b) for i, b in zip(frame["index"], frame["image"], strict=True)}
+    for key in images:  # VLMEvalKit's ImageBaseDataset: in row order, a short value is an index
+        if len(images[key]) <= 64:
+            images[key] = images[images[key]]
+    prompts: dict[int, list] = {}
+    categories: dict[int, str] = {}
+    for row in frame.to_dict("records"):
+        image = Image.open(io.BytesIO(base64.b64decode(images[str(row["index"])]))).convert("RGB")
+        n = sum(not pd.isna(row[c]) for c in "ABCD")
+        g = row["index"] % 1_000_000
+        prompts.setdefault(g, []).append((image, _vlmevalkit_prompt(row), n, "ABCD".index(row["answer"])))
+        categories[g] = row["category"]
+    return _by_hand(tiny("llava"), tiny_processor("llava"), prompts, categories)
+
+
+@pytest.fixture(scope="module")
+def scienceqa_by_hand(tiny, tiny_processor):
+    """The ScienceQA-style example: every circular shift of each row's options, by hand."""
+    from PIL import Image
+
+    prompts: dict[int, list] = {}
+    categories: dict[int, str] = {}
+    for g, line in enumerate((EXAMPLES / "scienceqa.jsonl").read_text().splitlines()):
+        row = json.loads(line)
+        image = Image.open(EXAMPLES / row["image"]).convert("RGB")
+        choices, right = row["choices"], row["choices"][row["answer"]]
+        for k in range(len(choices)):
+            order = choices[k:] + choices[:k]
+            fields = {"question": row["question"], "hint": row["hint"] or math.nan,
+                      **dict(zip(string.ascii_uppercase, order, strict=False))}
+            prompts.setdefault(g, []).append((image, _vlmevalkit_prompt(fields), len(order),
+                                              order.index(right)))
+        categories[g] = row["subject"]
+    return _by_hand(tiny("llava"), tiny_processor("llava"), prompts, categories)
+
+
+@pytest.fixture(scope="module")
+def protocol_result(tiny, tiny_processor, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sqa")
+    spec = (EXAMPLES / "scienceqa.yaml").read_text().replace(
+        "scienceqa.jsonl", str(EXAMPLES / "scienceqa.jsonl")).replace("example_scienceqa", "sqa_circular")
+    (folder / "sqa_circular.yaml").write_text(spec + "circular: true\n")
+    tasks = [EXAMPLES / "mmbench_dev.yaml", EXAMPLES / "mmbench_dev_circular.yaml",
+             EXAMPLES / "scienceqa.yaml", folder / "sqa_circular.yaml"]
+    evaluator = Evaluator.from_config({"tasks": [str(t) for t in tasks], "batch_size": 2},
+                                      tiny_processor("llava"))
+    return evaluator, evaluator.evaluate(tiny("llava"))
+
+
+def test_mmbench_scores_equal_the_hand_computed(protocol_result, mmbench_by_hand, scienceqa_by_hand):
+    """acc, per-category acc and the CircularEval acc equal those of a forward run by hand on
+    VLMEvalKit's exact prompts, argmax over the letters (MMBench: the TSV's own circular copies;
+    ScienceQA-style: every circular shift)."""
+    _, result = protocol_result
+    cases = [("example_mmbench_dev", mmbench_by_hand, "plain"),
+             ("example_mmbench_dev_circular", mmbench_by_hand, "circular"),
+             ("example_scienceqa", scienceqa_by_hand, "plain"),
+             ("sqa_circular", scienceqa_by_hand, "circular")]
+    for task, hand, protocol in cases:
+        metrics = result.metrics[task]
+        assert {k: v for k, v in metrics.items() if k.startswith("acc") and k != "acc_vanilla"} \
+            == hand[protocol], task
+        for item in result.items[task]:
+            asked = hand["scores"][item.index]
+            got = [item.scores, *item.rotations]  # every prompt's letters, in the order asked
+            assert len(got) == (len(asked) if protocol == "circular" else 1)
+            assert torch.tensor(got).sub(torch.tensor(asked[:len(got)])).abs().max() < 1e-6
+            assert item.correct == hand[f"{'vanilla' if protocol == 'plain' else 'circular'}_hits"][item.index]
+        if protocol == "circular":
+            assert metrics["acc_vanilla"] == hand["plain"]["acc"]
+    # the values these examples give the tiny model (hand-checked once; see the report)
+    assert mmbench_by_hand["plain"] == {"acc": 3 / 8, "acc/attribute_recognition": 1 / 4,
+                                        "acc/shape_recognition": 2 / 4}
+    assert scienceqa_by_hand["plain"] == {"acc": 3 / 6, "acc/language science": 0.0,
+                                          "acc/natural science": 1.0, "acc/social science": 0.5}
+
+
+def test_circular_is_at_most_plain_and_stricter_on_an_item(protocol_result):
+    _, result = protocol_result
+    for plain, circular in (("example_mmbench_dev", "example_mmbench_dev_circular"),
+                            ("example_scienceqa", "sqa_circular")):
+        assert result.metrics[circular]["acc"] <= result.metrics[plain]["acc"]
+        flipped = [a.index for a, b in zip(result.items[plain], result.items[circular], strict=True)
+                   if a.correct and not b.correct]
+        assert flipped, (plain, circular)
+        for a, b in zip(result.items[plain], result.items[circular], strict=True):
+            assert b.correct <= a.correct and b.margin <= a.margin + 1e-6
+            assert a.scores == pytest.approx(b.scores, abs=1e-6)  # the same original prompt
+
+
+def test_circular_item_needs_every_rotation():
+    """The rule itself, on scores where some items pass every rotation."""
+    from vlmexp.eval.evaluator import _item_score
+    from vlmexp.eval.tasks import Item, Task
+
+    task = Task("t", 1, "image_choice", Path("t.yaml"), protocol="mmbench", circular=True)
+    item = Item(0, None, "q?", ("x", "y", "z"), "y", "row 0")
+    variants = task.variants(item)  # golds 1, 0, 2
+    right = _item_score("t", item, variants, [[0, 2, 1], [3, 1, 0], [0, 1, 5]])
+    assert (right.correct, right.margin, right.chosen) == (True, 1, "y")
+    assert right.rotations == [[3, 1, 0], [0, 1, 5]]
+    wrong = _item_score("t", item, variants, [[0, 2, 1], [3, 1, 0], [0, 6, 5]])
+    assert (wrong.correct, wrong.margin, wrong.chosen) == (False, -1, "y")
+
+
+def test_identity_names_the_protocol_and_digests_every_rotation(protocol_result, kind_processor):
+    from vlmexp.zoo.tokenizers import build_tokenizer
+
+    evaluator, result = protocol_result
+    identity = evaluator.identity()
+    assert identity["example_mmbench_dev"].startswith("v1 image_choice mmbench plain prompts:")
+    assert identity["example_mmbench_dev_circular"].startswith(
+        "v1 image_choice mmbench-circular plain prompts:")
+    assert result.tasks == identity
+    shapes = Evaluator.from_config({"tasks": [str(EXAMPLES / "shapes_jsonl.yaml")]},
+                                   evaluator.processor)
+    assert shapes.identity()["example_shapes_jsonl"].startswith("v1 image_choice cloze plain prompts:")
+    # through a chat template the MMBench text is the user message's text, every rotation's
+    proc = kind_processor("qwen2", build_tokenizer("qwen2", chat_template=True))
+    chat = Evaluator.from_config({"tasks": [str(EXAMPLES / "mmbench_dev_circular.yaml")]}, proc)
+    task = chat.tasks["example_mmbench_dev_circular"]
+    frame = pd.read_csv(EXAMPLES / "mmbench_dev.tsv", sep="\t")
+    rows = {r["index"]: r for r in frame.to_dict("records")}
+    prompts = []
+    for i in chat.subset("example_mmbench_dev_circular"):
+        for k in range(len(task.items[i].choices)):
+            text = _vlmevalkit_prompt(rows[i + k * 1_000_000])
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+            prompts.append(proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    digest = hashlib.sha256("\0".join(prompts).encode()).hexdigest()[:12]
+    assert chat.identity()["example_mmbench_dev_circular"] == (
+        f"v1 image_choice mmbench-circular chat prompts:{digest}")
+
+
+def test_rotations_share_the_image_encoding(protocol_result, tiny):
+    evaluator, _ = protocol_result
+    task = evaluator.tasks["example_mmbench_dev_circular"]
+    item = task.items[0]
+    encoded = evaluator._encode(task, item, task.variants(item), "llava")
+    assert len(encoded) == 4 and all(len(c) == 4 for _, c in encoded)
+    assert all(prefix["pixel_values"] is encoded[0][0]["pixel_values"] for prefix, _ in encoded)
+    assert len({tuple(prefix["input_ids"][0].tolist()) for prefix, _ in encoded}) == 4

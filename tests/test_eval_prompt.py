@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from vlmexp.eval.prompt import ANSWER_DELIMITER, image_prompt, split_context
+from vlmexp.errors import EvalError
+from vlmexp.eval.prompt import (
+    ANSWER_DELIMITER,
+    MMBENCH_INSTRUCTION,
+    image_prompt,
+    mmbench_text,
+    split_context,
+)
 from vlmexp.eval.scorer import encode_choices, encode_continuation
 from vlmexp.zoo import data
 from vlmexp.zoo.build import ZooSettings, build_processor
@@ -74,3 +81,19 @@ def test_training_encodes_what_is_scored(kind, chat, kind_processor):
     context, continuation = split_context("Question: What comes after seven?\nAnswer:", "eight")
     target = [i for i in text.labels[0].tolist() if i != IGNORE]
     assert target == encode_continuation(tok, context, continuation) + [tok.eos_token_id]
+
+
+def test_mmbench_text_is_vlmevalkits_layout():
+    """VLMEvalKit's ImageMCQDataset.build_prompt, character for character: the hint line only
+    when there is a hint, the options lettered from A, the instruction line with its space."""
+    assert mmbench_text("Which shape is shown?", ["square", "circle", "triangle"],
+                        hint="One shape.") == (
+        "Hint: One shape.\nQuestion: Which shape is shown?\nOptions:\nA. square\nB. circle\n"
+        "C. triangle\nPlease select the correct answer from the options above. \n")
+    assert mmbench_text("Colour?", ["red", "green", "blue", "yellow"]) == (
+        "Question: Colour?\nOptions:\nA. red\nB. green\nC. blue\nD. yellow\n"
+        "Please select the correct answer from the options above. \n")
+    assert MMBENCH_INSTRUCTION == "Please select the correct answer from the options above. \n"
+    assert mmbench_text("Q?", [str(i) for i in range(26)]).count("\nZ. 25\n") == 1
+    with pytest.raises(EvalError, match="27 options"):
+        mmbench_text("Q?", [str(i) for i in range(27)])

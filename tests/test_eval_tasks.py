@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from vlmexp.errors import EvalError
-from vlmexp.eval.tasks import load_task, load_tasks
+from vlmexp.eval.prompt import mmbench_text
+from vlmexp.eval.tasks import load_task, load_tasks, rotations
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "evals" / "examples"
 
@@ -71,7 +72,8 @@ def test_lm_eval_example_and_load_tasks_folder():
     assert task.include_path == (EXAMPLES / "lm_eval").resolve()
     assert task.subset_indices(8) == task.subset_indices(8) and len(task.subset_indices(8)) == 6
     names = [t.name for t in load_tasks([EXAMPLES])]
-    assert sorted(names) == ["example_captions", "example_mmbench_tsv", "example_next_item",
+    assert sorted(names) == ["example_captions", "example_mmbench_dev", "example_mmbench_dev_circular",
+                             "example_mmbench_tsv", "example_next_item", "example_scienceqa",
                              "example_shapes_datasets", "example_shapes_jsonl"]
 
 
@@ -176,3 +178,157 @@ def test_caption_list_rows_and_parquet_source(tmp_path):
                                      "data_files: d.parquet, split: train}\n")
     item = load_task(tmp_path / "d.yaml").items[0]
     assert (item.choices, item.answer, item.question) == (("a", "b"), "b", "q?")
+
+
+# --- VLMEvalKit TSVs and the MMBench protocol ----------------------------------------------------
+
+def _tsv_rows(path: Path) -> list[dict]:
+    import csv
+
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def test_mmbench_tsv_loads_as_vlmevalkit():
+    """Images named by index are the named row's (one decoded copy), empty cells are missing,
+    the circular copies (index >= 10^6) become their item's other option orders."""
+    task = load_task(EXAMPLES / "mmbench_dev.yaml")
+    rows = _tsv_rows(EXAMPLES / "mmbench_dev.tsv")
+    mains = [r for r in rows if int(r["index"]) < 1_000_000]
+    assert len(rows) == 28 and len(task.items) == len(mains) == 8
+    assert [i.index for i in task.items] == list(range(8))
+    for item, row in zip(task.items, mains, strict=True):
+        options = [row[c] for c in "ABCD" if row[c]]
+        assert item.choices == tuple(options) and len(options) in (3, 4)
+        assert item.answer == options["ABCD".index(row["answer"])]
+        assert item.question == row["question"]
+        assert item.hint == (row["hint"] or None) and item.category == row["category"]
+        assert item.split == "dev"
+        copies = [r for r in rows if int(r["index"]) % 1_000_000 == int(row["index"])][1:]
+        assert item.copies == tuple(tuple(r[c] for c in "ABCD" if r[c]) for r in copies)
+        assert len(item.copies) == len(options) - 1
+        if row["image"].isdigit():  # the named row's image: the same bytes object, decoded once
+            assert item.image is task.items[int(row["image"])].image
+        else:
+            assert item.image == base64.b64decode(row["image"])
+    assert {i.hint is None for i in task.items} == {True, False}
+    assert task.items[1].load_image().getpixel((16, 16)) == (220, 30, 30)  # row 0's red circle
+    assert (task.protocol, task.circular, task.protocol_name) == ("mmbench", False, "mmbench")
+
+
+def test_mmbench_variants_show_vlmevalkits_text_and_score_letters():
+    plain = load_task(EXAMPLES / "mmbench_dev.yaml")
+    circular = load_task(EXAMPLES / "mmbench_dev_circular.yaml")
+    assert circular.protocol_name == "mmbench-circular"
+    item = plain.items[1]
+    (variant,) = plain.variants(item)
+    assert variant.text == (
+        "Hint: The picture shows one shape on a white background.\nQuestion: Which shape is shown?\n"
+        "Options:\nA. square\nB. circle\nC. triangle\n"
+        "Please select the correct answer from the options above. \n")
+    assert (variant.answers, variant.gold) == (("A", "B", "C"), 1)
+    assert plain.variants(plain.items[0])[0].text.startswith("Question: What colour")  # no hint
+    rows = {int(r["index"]): r for r in _tsv_rows(EXAMPLES / "mmbench_dev.tsv")}
+    for item in circular.items:
+        variants = circular.variants(item)
+        assert len(variants) == len(item.choices)
+        for k, v in enumerate(variants):  # the data's own copy k, lettered as the TSV letters it
+            row = rows[item.index + k * 1_000_000]
+            order = tuple(row[c] for c in "ABCD" if row[c])
+            assert v.options == order and v.answers == tuple("ABCD"[:len(order)])
+            assert v.answers[v.gold] == row["answer"]
+            assert v.text == mmbench_text(item.question, order, item.hint)
+
+
+def test_generated_rotations_and_cloze_hints(tmp_path):
+    assert rotations(("a", "b", "c", "d"))[1:] == [("b", "c", "d", "a"), ("c", "d", "a", "b"),
+                                                   ("d", "a", "b", "c")]
+    sqa = load_task(EXAMPLES / "scienceqa.yaml")
+    assert [len(i.choices) for i in sqa.items] == [2, 3, 4, 5, 2, 3]
+    assert [i.category for i in sqa.items][:3] == ["natural science"] * 2 + ["language science"]
+    assert sqa.items[2].hint is None and sqa.items[0].hint == "A student drew a shape with one crayon."
+    assert sqa.variants(sqa.items[0])[0].text.startswith("Hint: A student drew")
+    spec = (EXAMPLES / "scienceqa.yaml").read_text().replace("scienceqa.jsonl",
+                                                             str(EXAMPLES / "scienceqa.jsonl"))
+    (tmp_path / "c.yaml").write_text(spec + "circular: true\n")
+    (tmp_path / "z.yaml").write_text(spec.replace("protocol: mmbench", "protocol: cloze"))
+    circular, cloze = load_task(tmp_path / "c.yaml"), load_task(tmp_path / "z.yaml")
+    item = circular.items[3]  # no copies in a JSONL: every circular shift of its 5 options
+    variants = circular.variants(item)
+    assert [v.options for v in variants] == rotations(item.choices)
+    assert [v.options[v.gold] for v in variants] == [item.answer] * 5
+    assert [v.gold for v in variants] == [3, 2, 1, 0, 4]
+    (variant,) = cloze.variants(cloze.items[0])  # cloze: the hint is a line before the question
+    assert variant.text == "A student drew a shape with one crayon.\nWhich colour is the shape?"
+    assert variant.answers == ("blue", "red") and variant.gold == 1
+    assert cloze.variants(cloze.items[2])[0].text == "What colour is the shape?"
+
+
+def _tsv_task(folder: Path, lines: list[str], extra: str = "") -> Path:
+    (folder / "m.tsv").write_text("\n".join(lines) + "\n")
+    path = folder / "m.yaml"
+    path.write_text(f"task: m\nkind: image_choice\nsource: {{type: tsv, path: m.tsv}}\n{extra}")
+    return path
+
+
+def test_tsv_missing_cells_and_letters_as_vlmevalkit(tmp_path):
+    good = base64.b64encode((EXAMPLES / "images" / "0000.png").read_bytes()).decode()
+    path = _tsv_task(tmp_path, [
+        "index\tquestion\thint\tA\tB\tC\tD\tanswer\timage",
+        f"7\tq?\tnan\tB\tA\tNaN\t\tA\t{good}",  # pandas: "nan"/"NaN"/empty are missing
+        "8\tq?\t \tx\ty\tz\tN/A\tC\t7",
+    ])
+    first, second = load_task(path).items
+    assert first.choices == ("B", "A") and first.answer == "B"  # letter A, though an option is "A"
+    assert first.hint is None and second.hint is None
+    assert second.choices == ("x", "y", "z") and second.answer == "z"
+    assert second.image is first.image
+    _tsv_task(tmp_path, ["index\tquestion\tA\tB\tC\tanswer\timage",
+                         f"0\tq?\tx\t\tz\tA\t{good}"])
+    with pytest.raises(EvalError, match="row 0: options A, C leave a gap"):
+        load_task(path)
+    _tsv_task(tmp_path, ["index\tquestion\tA\tB\tanswer\timage",
+                         f"0\tq?\tx\ty\tA\t{good}", "1\tq?\tx\ty\tA\t5"])
+    with pytest.raises(EvalError, match="row 1: image '5' names no other row's index"):
+        load_task(path)
+    _tsv_task(tmp_path, ["index\tquestion\tA\tB\tanswer\timage",
+                         f"0\tq?\tx\ty\tA\t{good}", "1000000\tq?\ty\tw\tB\t0"])
+    with pytest.raises(EvalError, match="row 1: a circular copy of index 0 must have its options"):
+        load_task(path)
+    _tsv_task(tmp_path, ["index\tquestion\tA\tB\tanswer\timage",
+                         f"0\tq?\tx\ty\tA\t{good}", "1000000\tq?\ty\tx\tA\t0"])
+    with pytest.raises(EvalError, match="answer 'x', has \\['y', 'x'\\] and 'y'"):
+        load_task(path)
+    # the data's copies are the orders asked, whatever they are; without copies, every shift
+    _tsv_task(tmp_path, ["index\tquestion\tA\tB\tC\tanswer\timage",
+                         f"0\tq?\tx\ty\tz\tA\t{good}", "2000000\tq?\ty\tx\tz\tB\t0",
+                         f"1\tq?\tx\ty\tz\tC\t{good}"], "protocol: mmbench\ncircular: true\n")
+    task = load_task(path)
+    copied, shifted = task.items
+    assert [(v.options, v.gold) for v in task.variants(copied)] == [(("x", "y", "z"), 0),
+                                                                   (("y", "x", "z"), 1)]
+    assert [v.options for v in task.variants(shifted)] == rotations(("x", "y", "z"))
+    # an index >= 10^6 without its original row is an item of its own
+    _tsv_task(tmp_path, ["index\tquestion\tA\tB\tanswer\timage",
+                         f"1000003\tq?\tx\ty\tB\t{good}"])
+    (item,) = load_task(path).items
+    assert item.copies == () and item.answer == "y"
+
+
+def test_protocol_keys_are_checked(tmp_path):
+    base = "task: m\nkind: image_choice\nsource: {type: jsonl, path: d.jsonl}\n"
+    (tmp_path / "d.jsonl").write_text(json.dumps(_row()) + "\n")
+    cases = {"protocol: vqa\n": "protocol 'vqa' is not one of cloze, mmbench",
+             "circular: true\n": "circular: true needs protocol: mmbench",
+             "protocol: mmbench\ncircular: 1\n": "circular: 1 is not true or false"}
+    for extra, message in cases.items():
+        (tmp_path / "m.yaml").write_text(base + extra)
+        with pytest.raises(EvalError, match=message):
+            load_task(tmp_path / "m.yaml")
+    (tmp_path / "m.yaml").write_text(base)
+    task = load_task(tmp_path / "m.yaml")
+    assert (task.protocol, task.circular, task.protocol_name) == ("cloze", False, "cloze")
+    (tmp_path / "c.yaml").write_text((EXAMPLES / "captions.yaml").read_text().replace(
+        "captions.jsonl", str(EXAMPLES / "captions.jsonl")) + "protocol: mmbench\n")
+    with pytest.raises(EvalError, match="keys of image_choice tasks only"):
+        load_task(tmp_path / "c.yaml")

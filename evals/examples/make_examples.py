@@ -1,12 +1,17 @@
 """Regenerate the small example tasks in this folder (deterministic): `python evals/examples/make_examples.py`.
 
 One example per source kind: JSONL + PNG files, a `datasets` JSON file with its own column names,
-an MMBench-style TSV with base64 images, caption retrieval, and a local lm-eval task.
+an MMBench-style TSV with base64 images, caption retrieval, and a local lm-eval task. Two
+examples of the MMBench protocol: `mmbench_dev.tsv` laid out as VLMEvalKit's MMBench files are
+(images stored once and named by `index`, hints on some rows, categories, 4 and 3 options, the
+circular copies at index + k·10^6) and `scienceqa.jsonl`, ScienceQA-style rows (a context
+`hint`, 2 to 5 options, the answer's position, a `subject`).
 """
 
 from __future__ import annotations
 
 import base64
+import csv
 import io
 import json
 import random
@@ -37,6 +42,77 @@ def png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def b64(img: Image.Image) -> str:
+    return base64.b64encode(png(img)).decode()
+
+
+# MMBench-style rows: (image: a new (colour, shape) or the index of the row whose image it shares,
+# question, hint or None, options, answer position, category)
+COLOUR_Q, SHAPE_Q = "What colour is the shape?", "Which shape is shown?"
+MMBENCH_ROWS = [
+    (("red", "circle"), COLOUR_Q, None, ["red", "green", "blue", "yellow"], 0, "attribute_recognition"),
+    (0, SHAPE_Q, "The picture shows one shape on a white background.", ["square", "circle", "triangle"],
+     1, "shape_recognition"),
+    (("blue", "square"), COLOUR_Q, "Look at the colour that fills the shape.",
+     ["yellow", "blue", "red", "green"], 1, "attribute_recognition"),
+    (2, SHAPE_Q, None, ["circle", "triangle", "square"], 2, "shape_recognition"),
+    (("green", "triangle"), SHAPE_Q, "A shape with three corners is a triangle.",
+     ["circle", "square", "triangle"], 2, "shape_recognition"),
+    (4, COLOUR_Q, None, ["green", "yellow", "blue", "red"], 0, "attribute_recognition"),
+    (("yellow", "circle"), COLOUR_Q, "The shape is one of the colours listed.",
+     ["blue", "red", "yellow", "green"], 2, "attribute_recognition"),
+    (6, SHAPE_Q, None, ["circle", "triangle", "square"], 0, "shape_recognition"),
+]
+
+# ScienceQA-style rows: (colour, shape, question, hint ("" for none, as ScienceQA), choices,
+# answer position, subject)
+SCIENCEQA_ROWS = [
+    ("red", "circle", "Which colour is the shape?", "A student drew a shape with one crayon.",
+     ["blue", "red"], 1, "natural science"),
+    ("blue", "square", "Which shape did the student draw?", "The shape has four equal sides.",
+     ["triangle", "circle", "square"], 2, "natural science"),
+    ("green", "triangle", "What colour is the shape?", "", ["green", "yellow", "red", "blue"], 0,
+     "language science"),
+    ("yellow", "circle", "Which colour is the shape?", "The crayon was the colour of the sun.",
+     ["purple", "orange", "blue", "yellow", "red"], 3, "social science"),
+    ("green", "square", "Which shape is shown?", "", ["circle", "square"], 1, "social science"),
+    ("red", "triangle", "Which colour is the shape?", "The shape is the colour of a stop sign.",
+     ["red", "green", "blue"], 0, "language science"),
+]
+
+
+def write_mmbench(path: Path) -> None:
+    """VLMEvalKit's MMBench layout: each image once, other rows name its `index`; then the
+    circular copies (index + k·10^6, options rotated by k, image naming the original row)."""
+    header = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "split"]
+    rows = []
+    for k in range(4):
+        for i, (image, question, hint, options, answer, category) in enumerate(MMBENCH_ROWS):
+            if k >= len(options):
+                continue
+            order = options[k:] + options[:k]
+            if k == 0:
+                cell = str(image) if isinstance(image, int) else b64(draw(*image))
+            else:
+                cell = str(i)
+            letter = "ABCD"[order.index(options[answer])]
+            rows.append([str(i + k * 1_000_000), question, hint or "", *order,
+                         *[""] * (4 - len(order)), letter, category, cell, "dev"])
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerows([header, *rows])
+
+
+def write_scienceqa(folder: Path) -> None:
+    lines = []
+    for n, (colour, shape, question, hint, choices, answer, subject) in enumerate(SCIENCEQA_ROWS):
+        name = f"images/sqa_{n:04d}.png"
+        (folder / name).write_bytes(png(draw(colour, shape)))
+        lines.append(json.dumps({"image": name, "question": question, "hint": hint,
+                                 "choices": choices, "answer": answer, "subject": subject}))
+    (folder / "scienceqa.jsonl").write_text("".join(line + "\n" for line in lines))
 
 
 def main() -> None:
@@ -74,6 +150,8 @@ def main() -> None:
                         "label": (3 - k) % 3})
     (HERE / "lm_eval").mkdir(exist_ok=True)
     (HERE / "lm_eval" / "next_item.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lm_rows))
+    write_mmbench(HERE / "mmbench_dev.tsv")
+    write_scienceqa(HERE)
 
 
 if __name__ == "__main__":

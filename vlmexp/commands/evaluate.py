@@ -126,9 +126,12 @@ def format_table(result: EvalResult) -> str:
     """Tasks (metrics, items, seconds) and objectives as aligned text."""
     names = sorted({m for metrics in result.metrics.values() for m in metrics})
     width = max([len("task")] + [len(t) for t in result.metrics] + [len(o) for o in result.objectives])
-    lines = [f"{'task':<{width}}  " + "  ".join(f"{m:>9}" for m in names) + f"  {'items':>5}  {'sec':>6}"]
+    cols = {m: max(9, len(m)) for m in names}  # per-category names (acc/<category>) are long
+    lines = [f"{'task':<{width}}  " + "  ".join(f"{m:>{cols[m]}}" for m in names)
+             + f"  {'items':>5}  {'sec':>6}"]
     for task, metrics in result.metrics.items():
-        cells = "  ".join(f"{metrics[m]:>9.4f}" if m in metrics else f"{'-':>9}" for m in names)
+        cells = "  ".join(f"{metrics[m]:>{cols[m]}.4f}" if m in metrics else f"{'-':>{cols[m]}}"
+                          for m in names)
         lines.append(f"{task:<{width}}  {cells}  {len(result.items.get(task, [])):>5}  "
                      f"{result.seconds.get(task, math.nan):>6.2f}")
     lines += ["", f"{'objective':<{width}}  {'value':>9}"]

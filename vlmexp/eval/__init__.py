@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 from vlmexp.eval.evaluator import EvalResult, Evaluator, ItemScore
-from vlmexp.eval.tasks import Item, Task, load_task, load_tasks
+from vlmexp.eval.tasks import Item, Task, Variant, load_task, load_tasks
 
-__all__ = ["EvalResult", "Evaluator", "Item", "ItemScore", "Task", "load_task", "load_tasks"]
+__all__ = ["EvalResult", "Evaluator", "Item", "ItemScore", "Task", "Variant", "load_task",
+           "load_tasks"]

@@ -4,6 +4,9 @@ Everything that does not depend on the weights is prepared once: task data, the 
 encoding of each item (image + prompt -> input tensors) and its answers' token ids
 (`encode_choices`: each answer as the continuation of the exact prompt string), lm-eval's task
 objects. `evaluate(model)` then only runs the model, so a search can call it hundreds of times.
+
+An image item is scored on each of its task's prompts (`Task.variants`: one, or one per rotation
+of its options under CircularEval); it counts as right only if every one is answered right.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from vlmexp.errors import EvalError
 from vlmexp.eval.prompt import image_prompt
 from vlmexp.eval.scorer import encode_choices, model_type, score_continuations
-from vlmexp.eval.tasks import Item, Task, load_tasks
+from vlmexp.eval.tasks import Item, Task, Variant, load_tasks
 
 
 @dataclass
@@ -29,7 +32,11 @@ class ItemScore:
     """One item's outcome: the chosen and correct answers, the margin and every choice's score.
 
     `margin` is the correct answer's score minus the best other score (> 0 iff answered right,
-    ties aside); `scores` are summed log-probabilities, in the order of the item's choices.
+    ties aside); `scores` are summed log-probabilities, in the order of the item's choices (for
+    `protocol: mmbench`, of their letters). Under CircularEval `rotations` holds the scores of
+    every further rotation (in that rotation's letter order), `correct` is true only if every
+    rotation was answered right and `margin` is the smallest rotation's margin; `chosen` is
+    always the answer picked in the original order.
     """
 
     task: str
@@ -39,6 +46,7 @@ class ItemScore:
     correct: bool
     margin: float
     scores: list[float]
+    rotations: list[list[float]] = field(default_factory=list)
 
 
 @dataclass
@@ -65,20 +73,52 @@ class EvalResult:
                 "items": items, "seconds": self.seconds}
 
 
-def _item_score(task: str, item: Item, scores: list[float]) -> ItemScore:
-    gold = item.choices.index(item.answer)
-    best = max(range(len(scores)), key=scores.__getitem__)
-    best_other = max(s for i, s in enumerate(scores) if i != gold)
-    return ItemScore(task, item.index, item.choices[best], item.answer, best == gold,
-                     scores[gold] - best_other, scores)
+def _argmax(values: Sequence[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)
+
+
+def _item_score(task: str, item: Item, variants: Sequence[Variant],
+                scores: Sequence[list[float]]) -> ItemScore:
+    """The item's outcome over all its prompts: right only if every prompt is answered right."""
+    right, margins = [], []
+    for variant, s in zip(variants, scores, strict=True):
+        right.append(_argmax(s) == variant.gold)
+        margins.append(s[variant.gold] - max(x for i, x in enumerate(s) if i != variant.gold))
+    chosen = variants[0].options[_argmax(scores[0])]
+    return ItemScore(task, item.index, chosen, item.answer, all(right), min(margins),
+                     list(scores[0]), [list(s) for s in scores[1:]])
+
+
+def _category_metrics(task: Task, out: Sequence[ItemScore]) -> dict[str, float]:
+    """`acc/<category>` (the primary metric's name, then the category as the data spells it):
+    the share of right items of each category present; none for items without categories.
+    Flat keys, so that they log as MLflow metrics `<task>.acc/<category>`."""
+    groups: dict[str, list[bool]] = {}
+    for score in out:
+        category = task.items[score.index].category
+        if category is not None:
+            groups.setdefault(category, []).append(score.correct)
+    return {f"{task.primary_metric}/{c}": sum(flags) / len(flags)
+            for c, flags in sorted(groups.items())}
+
+
+def _share_tensors(first: dict[str, torch.Tensor], prefix: dict[str, torch.Tensor]) -> None:
+    """Let `prefix` hold `first`'s tensors where they are equal (a rotation's pixel values are
+    its item's): the encodings of one item's prompts keep one copy of the image in memory."""
+    for key, value in prefix.items():
+        other = first.get(key)
+        if other is not None and other.shape == value.shape and torch.equal(other, value):
+            prefix[key] = other
 
 
 class Evaluator:
     """Evaluate models on image-text and lm-eval tasks; objectives are weighted sets of tasks.
 
     Image tasks report their primary metric (`acc`, or `recall@1` for caption retrieval: argmax
-    of summed answer log-probs, like lm-eval's acc), `acc_norm` (log-prob per answer character,
-    like lm-eval's), `acc_token_mean` (per-token mean) and `margin` (mean over items).
+    of summed answer log-probs, like lm-eval's acc) and `margin` (mean over items); cloze tasks
+    also `acc_norm` (log-prob per answer character, like lm-eval's) and `acc_token_mean`
+    (per-token mean); CircularEval tasks also `acc_vanilla` (the original option order alone);
+    tasks whose items have categories also `acc/<category>` (the primary metric per category).
 
     Args:
         tasks: loaded tasks (`load_tasks`).
@@ -110,7 +150,8 @@ class Evaluator:
         self.processor = processor
         self.batch_size = batch_size
         self.device = device
-        self._encoded: dict[tuple[str, int, str], tuple[dict[str, torch.Tensor], list[list[int]]]] = {}
+        self._encoded: dict[tuple[str, int, str],
+                            list[tuple[dict[str, torch.Tensor], list[list[int]]]]] = {}
         self._subsets = {t.name: t.subset_indices() for t in tasks if t.kind != "lm_eval"}
         self._identity: dict[str, str] | None = None
         lm_tasks = [t for t in tasks if t.kind == "lm_eval"]
@@ -153,36 +194,51 @@ class Evaluator:
 
     # --- image tasks ------------------------------------------------------------------------
 
-    def _encode(self, task: Task, item: Item, mtype: str) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
-        """The item's prefix inputs and its choices' continuation ids, encoded once."""
+    def _encode(self, task: Task, item: Item, variants: Sequence[Variant],
+                mtype: str) -> list[tuple[dict[str, torch.Tensor], list[list[int]]]]:
+        """Each prompt's prefix inputs and its answers' continuation ids, encoded once; the image
+        is decoded once per item and its pixel tensors are shared by the item's prompts."""
         key = (task.name, item.index, mtype)
         if key not in self._encoded:
-            prompt = image_prompt(self.processor, item.question, chat_template=task.chat_template)
-            self._encoded[key] = encode_choices(self.processor, item.load_image(), prompt,
-                                                item.choices, model_type=mtype)
+            image = item.load_image()
+            encoded = []
+            for variant in variants:
+                prompt = image_prompt(self.processor, variant.text, chat_template=task.chat_template)
+                prefix, continuations = encode_choices(self.processor, image, prompt,
+                                                       variant.answers, model_type=mtype)
+                if encoded:
+                    _share_tensors(encoded[0][0], prefix)
+                encoded.append((prefix, continuations))
+            self._encoded[key] = encoded
         return self._encoded[key]
 
     def _image_task(self, model: torch.nn.Module, task: Task, positions: list[int],
                     progress: Any) -> tuple[dict[str, float], list[ItemScore]]:
         mtype = model_type(model)
         out: list[ItemScore] = []
-        norm_correct = mean_correct = 0
+        norm_correct = mean_correct = first_correct = 0
         for pos in positions:
             item = task.items[pos]
-            prefix, continuations = self._encode(task, item, mtype)
-            scores = score_continuations(model, prefix, continuations, batch_size=self.batch_size)
-            summed = [s.logprob for s in scores]
-            out.append(_item_score(task.name, item, summed))
-            per_char = [s.logprob / max(len(c), 1) for s, c in zip(scores, item.choices, strict=True)]
-            norm_correct += item.choices[max(range(len(per_char)), key=per_char.__getitem__)] == item.answer
-            means = [s.mean for s in scores]
-            mean_correct += item.choices[max(range(len(means)), key=means.__getitem__)] == item.answer
+            variants = task.variants(item)
+            scores = [score_continuations(model, prefix, continuations, batch_size=self.batch_size)
+                      for prefix, continuations in self._encode(task, item, variants, mtype)]
+            out.append(_item_score(task.name, item, variants, [[s.logprob for s in v] for v in scores]))
+            gold = variants[0].gold
+            first_correct += _argmax([s.logprob for s in scores[0]]) == gold
+            per_char = [s.logprob / max(len(a), 1) for s, a in zip(scores[0], variants[0].answers,
+                                                                    strict=True)]
+            norm_correct += _argmax(per_char) == gold
+            mean_correct += _argmax([s.mean for s in scores[0]]) == gold
             if progress is not None:
                 progress.update(1)
-        acc = sum(s.correct for s in out) / len(out)
-        metrics = {task.primary_metric: acc, "acc_norm": norm_correct / len(out),
-                   "acc_token_mean": mean_correct / len(out)}
-        metrics["margin"] = sum(s.margin for s in out) / len(out)
+        n = len(out)
+        metrics = {task.primary_metric: sum(s.correct for s in out) / n}
+        if task.protocol == "cloze":  # a letter's length says nothing: no normalized scores
+            metrics.update(acc_norm=norm_correct / n, acc_token_mean=mean_correct / n)
+        if task.circular:
+            metrics["acc_vanilla"] = first_correct / n
+        metrics["margin"] = sum(s.margin for s in out) / n
+        metrics.update(_category_metrics(task, out))
         return metrics, out
 
     # --- evaluation ---------------------------------------------------------------------------
@@ -251,13 +307,15 @@ class Evaluator:
         return result
 
     def identity(self) -> dict[str, str]:
-        """Each task's identity, as logged beside its scores: version, kind, protocol and, for
-        image tasks, a digest of the exact prompts the model is shown (chat template included),
-        so that scores from different prompts are never compared by accident.
+        """Each task's identity, as logged beside its scores: version, kind, scoring protocol
+        (`cloze`, `mmbench` or `mmbench-circular`), prompt style (`chat` template or `plain`)
+        and, for image tasks, a digest of the exact prompts the model is shown (every rotation's
+        under CircularEval), so that scores from different protocols or prompts are never
+        compared by accident.
 
         Example:
             >>> evaluator.identity()["demo_color_shape_val"]  # doctest: +SKIP
-            'v1 image_choice plain prompts:3f0c2a9b1d4e'
+            'v1 image_choice cloze plain prompts:3f0c2a9b1d4e'
         """
         if self._identity is None:
             self._identity = {}
@@ -265,13 +323,13 @@ class Evaluator:
                 if task.kind == "lm_eval":
                     self._identity[name] = f"v{task.version} lm_eval:{task.lm_eval_task}"
                     continue
-                prompts = [image_prompt(self.processor, task.items[i].question,
+                prompts = [image_prompt(self.processor, variant.text,
                                         chat_template=task.chat_template)
-                           for i in self._subsets[name]]
+                           for i in self._subsets[name] for variant in task.variants(task.items[i])]
                 chat = task.chat_template is not False and bool(
                     getattr(self.processor, "chat_template", None))
                 digest = hashlib.sha256("\0".join(prompts).encode()).hexdigest()[:12]
-                self._identity[name] = (f"v{task.version} {task.kind} "
+                self._identity[name] = (f"v{task.version} {task.kind} {task.protocol_name} "
                                         f"{'chat' if chat else 'plain'} prompts:{digest}")
         return self._identity
 

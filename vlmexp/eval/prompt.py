@@ -9,11 +9,16 @@ tokenization of the whole text, so what the zoo learns is what gets scored.
 
 from __future__ import annotations
 
+import string
+from collections.abc import Sequence
 from typing import Any
 
 from vlmexp.errors import EvalError
 
 ANSWER_DELIMITER = " "  # lm-eval's default `target_delimiter`
+LETTERS = string.ascii_uppercase  # option labels, as VLMEvalKit's option columns A..Z
+# VLMEvalKit's instruction line, trailing space included (vlmeval/dataset/image_mcq.py)
+MMBENCH_INSTRUCTION = "Please select the correct answer from the options above. \n"
 
 
 def split_context(prompt: str, answer: str) -> tuple[str, str]:
@@ -37,6 +42,29 @@ def split_context(prompt: str, answer: str) -> tuple[str, str]:
     if context == prompt:
         return prompt, ANSWER_DELIMITER + answer
     return context, prompt[len(context):] + answer
+
+
+def mmbench_text(question: str, options: Sequence[str], hint: str | None = None) -> str:
+    """The MMBench question text: VLMEvalKit's layout, which the model is shown as the user text.
+
+    VLMEvalKit's `ImageMCQDataset.build_prompt` (vlmeval/dataset/image_mcq.py) writes
+    `Hint: {hint}\\n` (only when the row has a hint), `Question: {question}\\n`, then
+    `Options:\\n`, one `{letter}. {option}\\n` per option and the instruction line
+    `MMBENCH_INSTRUCTION`. The answer scored after it is the option's letter.
+
+    Example:
+        >>> mmbench_text("Colour?", ["red", "blue"], hint="Look.").splitlines()[:5]
+        ['Hint: Look.', 'Question: Colour?', 'Options:', 'A. red', 'B. blue']
+    """
+    if len(options) > len(LETTERS):
+        raise EvalError(f"{len(options)} options: MMBench letters go to {LETTERS[-1]}")
+    text = f"Hint: {hint}\n" if hint is not None else ""
+    text += f"Question: {question}\n"
+    if options:
+        text += "Options:\n"
+        text += "".join(f"{letter}. {option}\n" for letter, option in zip(LETTERS, options, strict=False))
+        text += MMBENCH_INSTRUCTION
+    return text
 
 
 def image_prompt(processor: Any, question: str, *, chat_template: bool | None = None) -> str:

@@ -8,16 +8,33 @@ source: {type: jsonl, path: color_shape_val.jsonl}   # relative to this YAML's f
 prompt: "{question}"              # format string over the item's fields -> question text
 chat_template: auto               # auto: the processor's chat template when it has one;
                                   # false: a plain prompt (base models); true: require one
+protocol: cloze                   # image_choice: cloze | mmbench (default cloze)
+circular: false                   # mmbench only: CircularEval (default false)
 subset: {size: 64, seed: 0}       # seeded shuffle, then the first `size`; omit for all
 ```
 
 Sources (image kinds): `jsonl` (rows `{"image": "images/0001.png", "question": ..., "choices":
 [...], "answer": ...}`, images relative to the JSONL's folder), `datasets` (any
 `datasets.load_dataset` source: `path: json|parquet|imagefolder|<hub id>`, `data_files` relative to
-the YAML, `split`, optional `name`), `tsv` (VLMEvalKit / MMBench: `index`, base64 `image`,
-`question`, option columns `A`, `B`, ..., answer letter; an optional `hint` field). Every source
-takes `columns: {field: column}` to rename its columns. An answer is one of the choices, a choice
-index (int) or a choice letter (A, B, ...).
+the YAML, `split`, optional `name`), `tsv` (VLMEvalKit / MMBench, read as VLMEvalKit reads it:
+pandas' `read_csv(sep="\t")`, so empty and "NaN"-like cells are missing; `index`, base64
+`image`, `question`, option columns `A`, `B`, ... (missing ones dropped), `answer` letter,
+optional `hint`, `category`, `split`). A TSV `image` that is a short digit string names another
+row's `index` whose image it reuses (decoded once, shared); a row whose integer `index` is 10^6·k +
+i (k >= 1) is a circular copy of row `index` i (MMBench's layout: the same question with its
+options rotated) and becomes one of that item's option orders, not an item of its own. Every
+source takes `columns: {field: column}` to rename its columns. An answer is one of the choices,
+a choice index (int) or a choice letter (A, B, ...). Optional row fields of every source: `hint`
+(shown with the question; missing, NaN or empty: none) and `category` (per-category accuracy,
+`acc/<category>`).
+
+Protocols (`image_choice`): `cloze` scores each choice's text as the continuation of the
+question (the hint, when present, is a line before it). `mmbench` shows VLMEvalKit's MMBench text
+(`vlmexp.eval.prompt.mmbench_text`: hint, question, lettered options, instruction line) and scores
+each option's letter; with `circular: true` (CircularEval) the item is asked once per rotation of
+its options (the TSV's circular copies when it has them, else every circular shift) and counts
+as right only if every rotation is. Either text is the user message of the processor's chat
+template when the task uses one.
 
 `caption_retrieval` rows have `image` and either `captions` (K candidates) + `answer` (the right
 one), or a single `caption`: then the candidates are that caption plus `distractors` (YAML key,
@@ -32,26 +49,28 @@ from __future__ import annotations
 
 import base64
 import binascii
-import csv
 import io
 import json
+import math
 import random
-import string
-import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from vlmexp.errors import EvalError
+from vlmexp.eval.prompt import LETTERS, mmbench_text
 
 KINDS = ("image_choice", "caption_retrieval", "lm_eval")
 SOURCES = ("jsonl", "datasets", "tsv")
+PROTOCOLS = ("cloze", "mmbench")  # how image_choice items are shown and scored
 PRIMARY_METRIC = {"image_choice": "acc", "caption_retrieval": "recall@1"}
 CHAT_TEMPLATE = {"auto": None, True: True, False: False}  # YAML value -> image_prompt's switch
 DEFAULT_CAPTION_PROMPT = "Describe the image."
+CIRCULAR_STRIDE = 1_000_000  # MMBench: circular copy k of row i has index i + k * 10^6
+IMAGE_REF_MAX = 64  # VLMEvalKit: an image field this short names another row's index
 
 
 @dataclass(frozen=True)
@@ -67,6 +86,10 @@ class Item:
     choices: tuple[str, ...]
     answer: str
     where: str  # "file, row N" for error messages
+    hint: str | None = None
+    category: str | None = None
+    split: str | None = None
+    copies: tuple[tuple[str, ...], ...] = ()  # the data's other orders of `choices` (MMBench)
 
     def load_image(self) -> Any:
         from PIL import Image
@@ -79,6 +102,28 @@ class Item:
             return self.image.convert("RGB")
         except Exception as err:  # PIL raises several types for unreadable images
             raise EvalError(f"{self.where}: unreadable image ({err})") from err
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One prompt of an item: the text shown with the image, the answers scored after it
+    (choice texts for cloze, letters for mmbench), the options in the order shown, and the
+    position of the right answer."""
+
+    text: str
+    answers: tuple[str, ...]
+    options: tuple[str, ...]
+    gold: int
+
+
+def rotations(choices: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """Every circular shift of the options, the original order first (CircularEval).
+
+    Example:
+        >>> rotations(("a", "b", "c"))
+        [('a', 'b', 'c'), ('b', 'c', 'a'), ('c', 'a', 'b')]
+    """
+    return [choices[k:] + choices[:k] for k in range(len(choices))]
 
 
 @dataclass
@@ -100,6 +145,8 @@ class Task:
     subset_size: int | None = None
     subset_seed: int = 0
     metric: str = "acc"
+    protocol: str = "cloze"
+    circular: bool = False
     lm_eval_task: str | None = None
     include_path: Path | None = None
     items: list[Item] = field(default_factory=list)
@@ -107,6 +154,31 @@ class Task:
     @property
     def primary_metric(self) -> str:
         return PRIMARY_METRIC.get(self.kind, self.metric)
+
+    @property
+    def protocol_name(self) -> str:
+        """`cloze`, `mmbench` or `mmbench-circular`: how scores were made, for the identity."""
+        return f"{self.protocol}-circular" if self.circular else self.protocol
+
+    def variants(self, item: Item) -> list[Variant]:
+        """The prompts `item` is scored on: one, or one per option order under CircularEval.
+
+        Example:
+            >>> item = Item(0, None, "Colour?", ("red", "blue"), "blue", "row 0")
+            >>> [v.answers for v in Task("t", 1, "image_choice", Path("t.yaml")).variants(item)]
+            [('red', 'blue')]
+            >>> mm = Task("t", 1, "image_choice", Path("t.yaml"), protocol="mmbench", circular=True)
+            >>> [(v.options, v.gold) for v in mm.variants(item)]
+            [(('red', 'blue'), 1), (('blue', 'red'), 0)]
+        """
+        if self.protocol == "cloze":
+            text = item.question if item.hint is None else f"{item.hint}\n{item.question}"
+            return [Variant(text, item.choices, item.choices, item.choices.index(item.answer))]
+        orders = [item.choices]
+        if self.circular:
+            orders += list(item.copies) if item.copies else rotations(item.choices)[1:]
+        return [Variant(mmbench_text(item.question, order, item.hint), tuple(LETTERS[:len(order)]),
+                        order, order.index(item.answer)) for order in orders]
 
     def subset_indices(self, n_total: int | None = None) -> list[int]:
         """Positions of the deterministic subset: seeded shuffle of 0..n-1, then the first `size`."""
@@ -155,6 +227,17 @@ def load_task(path: str | Path) -> Task:
         subset_size=None if size is None else int(size), subset_seed=int(subset.get("seed", 0)),
         metric=str(spec.get("metric", "acc")),
     )
+    protocol, circular = spec.get("protocol", "cloze"), spec.get("circular", False)
+    if ("protocol" in spec or "circular" in spec) and kind != "image_choice":
+        raise _fail(path, "protocol and circular are keys of image_choice tasks only")
+    if protocol not in PROTOCOLS:
+        raise _fail(path, f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    if not isinstance(circular, bool):
+        raise _fail(path, f"circular: {circular!r} is not true or false")
+    if circular and protocol != "mmbench":
+        raise _fail(path, "circular: true needs protocol: mmbench (cloze scores do not depend "
+                          "on the order of the choices)")
+    task.protocol, task.circular = protocol, circular
     template = spec.get("chat_template", "auto")
     if kind == "lm_eval" and "chat_template" in spec:
         raise _fail(path, "chat_template: lm_eval tasks are prompted by lm-eval; remove the key")
@@ -242,26 +325,91 @@ def _read_rows(path: Path, source: Mapping[str, Any]) -> Iterable[Row]:
                 except json.JSONDecodeError as err:
                     raise EvalError(f"{where}: not valid JSON ({err})") from err
                 yield where, data.parent, _rename(row, columns, where)
-    else:  # tsv
-        csv.field_size_limit(sys.maxsize)
-        with data.open(newline="") as f:
-            for n, row in enumerate(csv.DictReader(f, delimiter="\t")):
-                where = f"{data}, row {n}"
-                row = _rename(row, columns, where)
-                if "image" not in row:
-                    raise EvalError(f"{where}: column 'image' not in the data")
-                try:
-                    row["image"] = base64.b64decode(str(row["image"]), validate=True)
-                    _check_image_bytes(row["image"])
-                except (binascii.Error, ValueError) as err:
-                    raise EvalError(f"{where}: broken base64 image ({err})") from err
-                if "choices" not in row:
-                    letters = [c for c in string.ascii_uppercase if c in row and str(row[c] or "").strip()
-                               and str(row[c]).lower() != "nan"]
-                    row["choices"] = [str(row[c]) for c in letters]
-                if row.get("hint") and str(row["hint"]).lower() != "nan":
-                    row["question"] = f"{row['hint']}\n{row['question']}"
-                yield where, data.parent, row
+    else:
+        yield from _read_tsv(data, columns)
+
+
+def _missing(value: Any) -> bool:
+    """An absent cell: None, NaN (pandas reads empty and "NaN"-like TSV cells so) or blank."""
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, str) and not value.strip()
+
+
+COPY_OF = "_copy_of"  # a TSV row's field: the index of the row it is a circular copy of
+
+
+def _is_copy_key(key: str) -> bool:
+    return key.isdigit() and int(key) >= CIRCULAR_STRIDE
+
+
+def _is_image_ref(value: str) -> bool:
+    return len(value) <= IMAGE_REF_MAX and value.isdigit()
+
+
+def _read_tsv(data: Path, columns: Mapping[str, str]) -> Iterable[Row]:
+    """A VLMEvalKit TSV's rows, as VLMEvalKit reads them (vlmeval/dataset/image_base.py).
+
+    Images: an `image` that is a short digit string is the `index` of the row whose image it
+    reuses (VLMEvalKit stores each image once); each image is decoded once and its bytes are
+    shared. Options: the columns A, B, ... that are present and not missing. A row whose
+    integer index is i + k·10^6 (k >= 1) while row i exists is marked as a circular copy of i.
+    """
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(data, sep="\t")  # VLMEvalKit's load() of a .tsv
+    except (ValueError, pd.errors.ParserError) as err:
+        raise EvalError(f"{data}: not a readable TSV ({str(err).splitlines()[0]})") from err
+    rows = []
+    for n, record in enumerate(frame.to_dict("records")):
+        where = f"{data}, row {n}"
+        row = _rename(record, columns, where)
+        if "image" not in row:
+            raise EvalError(f"{where}: column 'image' not in the data")
+        key = str(row["index"]) if "index" in row else str(n)
+        rows.append((where, key, row))
+    raw = {key: row["image"] for _, key, row in rows}
+    decoded: dict[str, bytes] = {}
+    mains = {key for _, key, _ in rows if not _is_copy_key(key)}
+
+    def image_of(key: str, where: str, seen: tuple[str, ...] = ()) -> bytes:
+        if key in decoded:
+            return decoded[key]
+        value = raw[key]
+        if _missing(value):
+            raise EvalError(f"{where}: no image")
+        value = str(value).strip()
+        if _is_image_ref(value):
+            if value not in raw or value == key or value in seen:
+                raise EvalError(f"{where}: image {value!r} names no other row's index with an image")
+            decoded[key] = image_of(value, where, (*seen, key))
+            return decoded[key]
+        try:
+            image = base64.b64decode(value, validate=True)
+            _check_image_bytes(image)
+        except (binascii.Error, ValueError) as err:
+            raise EvalError(f"{where}: broken base64 image ({err})") from err
+        decoded[key] = image
+        return image
+
+    for where, key, row in rows:
+        row["image"] = image_of(key, where)
+        if "choices" not in row:
+            letters = [c for c in LETTERS if c in row and not _missing(row[c])]
+            if letters != list(LETTERS[:len(letters)]):
+                raise EvalError(f"{where}: options {', '.join(letters)} leave a gap; options "
+                                f"must run A, B, C, ... without one")
+            row["choices"] = [str(row[c]) for c in letters]
+            answer = row.get("answer")
+            if isinstance(answer, str) and len(answer) == 1 and answer in letters:
+                row["answer"] = letters.index(answer)  # the letter, even where an option's text is one
+        if _is_copy_key(key) and str(int(key) % CIRCULAR_STRIDE) in mains:
+            row[COPY_OF] = str(int(key) % CIRCULAR_STRIDE)
+        row.setdefault("index", key)
+        yield where, data.parent, row
 
 
 def _check_image_bytes(raw: bytes) -> None:
@@ -323,8 +471,8 @@ def _answer(row: dict[str, Any], choices: list[str], where: str) -> str:
         answer = str(answer)
         if answer in choices:
             return answer
-        if len(answer) == 1 and answer in string.ascii_uppercase and string.ascii_uppercase.index(answer) < len(choices):
-            return choices[string.ascii_uppercase.index(answer)]
+        if len(answer) == 1 and answer in LETTERS and LETTERS.index(answer) < len(choices):
+            return choices[LETTERS.index(answer)]
     raise EvalError(f"{where}: answer {answer!r} is not among the choices {choices}")
 
 
@@ -340,12 +488,23 @@ def _image(row: dict[str, Any], base: Path, where: str) -> Any:
     return image
 
 
+def _optional(row: dict[str, Any], name: str) -> str | None:
+    value = row.get(name)
+    return None if _missing(value) else str(value)
+
+
 def _make_items(task: Task, spec: Mapping[str, Any], rows: list[Row]) -> list[Item]:
-    items = []
+    items: list[Item] = []
+    positions: dict[str, int] = {}  # a TSV row's index -> position of its item
+    copies: list[tuple[str, dict[str, Any]]] = []
     if task.kind == "caption_retrieval":
         k = int(spec.get("distractors", 3))
         pool = [r[2].get("caption") for r in rows]
-    for n, (where, base, row) in enumerate(rows):
+    for where, base, row in rows:
+        if row.get(COPY_OF) is not None:
+            copies.append((where, row))
+            continue
+        n = len(items)
         image = _image(row, base, where)
         if task.kind == "image_choice":
             for key in ("choices", "answer"):
@@ -375,5 +534,18 @@ def _make_items(task: Task, spec: Mapping[str, Any], rows: list[Row]) -> list[It
                 random.Random(task.subset_seed * 1_000_003 + n + 1).shuffle(choices)
             else:
                 raise EvalError(f"{where}: field 'captions' (or 'caption') not in the data")
-        items.append(Item(n, image, question, tuple(choices), answer, where))
+        if "index" in row:
+            positions[str(row["index"])] = n
+        items.append(Item(n, image, question, tuple(choices), answer, where,
+                          hint=_optional(row, "hint"), category=_optional(row, "category"),
+                          split=_optional(row, "split")))
+    for where, row in copies:  # MMBench's circular copies: more orders of their item's options
+        item = items[positions[row[COPY_OF]]]
+        order = tuple(str(c) for c in row.get("choices", ()))
+        answer = _answer(row, list(order), where) if "answer" in row and order else None
+        if sorted(order) != sorted(item.choices) or answer != item.answer:
+            raise EvalError(f"{where}: a circular copy of index {row[COPY_OF]} must have its "
+                            f"options {list(item.choices)} and answer {item.answer!r}, has "
+                            f"{list(order)} and {answer!r}")
+        items[item.index] = replace(item, copies=(*item.copies, order))
     return items
