@@ -222,6 +222,12 @@ class Evaluator:
             variants = task.variants(item)
             scores = [score_continuations(model, prefix, continuations, batch_size=self.batch_size)
                       for prefix, continuations in self._encode(task, item, variants, mtype)]
+            bad = [v.answers[i] for v, vs in zip(variants, scores, strict=True)
+                   for i, sc in enumerate(vs) if not math.isfinite(sc.logprob)]
+            if bad:  # a NaN would make max() pick the first choice: a score, never a number
+                raise EvalError(f"task {task.name}: item {item.index} ({item.where}): the score "
+                                f"of {bad[0]!r} is not finite (NaN or inf: the model's outputs "
+                                f"overflowed or its weights are not finite)")
             out.append(_item_score(task.name, item, variants, [[s.logprob for s in v] for v in scores]))
             gold = variants[0].gold
             first_correct += _argmax([s.logprob for s in scores[0]]) == gold
