@@ -203,8 +203,9 @@ class Evaluator:
         return directions.pop() if directions else "maximize"
 
     def directions(self) -> dict[str, str]:
-        """Each objective's direction, "maximize" or "minimize": its tasks' primary metrics all
-        improve the same way (a perplexity down, an accuracy up), or the evaluator is not built.
+        """Each objective's direction, "maximize" or "minimize", the way all its tasks' primary
+        metrics improve (an accuracy up, a perplexity down; the constructor refuses an objective
+        whose tasks disagree).
 
         Example:
             >>> evaluator.directions()  # doctest: +SKIP

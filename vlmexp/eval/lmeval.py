@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +72,7 @@ def non_finite(value: Any) -> float | None:
     """
     if isinstance(value, bool | str | bytes) or value is None:
         return None
-    if isinstance(value, int | float) or (hasattr(value, "item") and getattr(value, "ndim", 1) == 0):
+    if isinstance(value, numbers.Real) or (hasattr(value, "item") and getattr(value, "ndim", 1) == 0):
         number = float(value)
         return None if math.isfinite(number) else number
     if hasattr(value, "tolist"):  # numpy / torch arrays
@@ -405,7 +406,7 @@ class LmEvalRunner:
         doc = sample["doc"]
         own = values.get(metric)
         function = task.aggregation().get(self.metrics(name).get(metric, metric), mean)
-        value = float(own) if function is mean and isinstance(own, int | float) else None
+        value = float(own) if function is mean and isinstance(own, numbers.Real) else None
         record = dict(index=int(sample["doc_id"]), value=value, values=dict(values))
         if getattr(task, "OUTPUT_TYPE", "") == "multiple_choice":
             choices = [str(c) for c in task.doc_to_choice(doc)]
