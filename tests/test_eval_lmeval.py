@@ -314,3 +314,41 @@ def test_overflowing_aggregate_inside_lm_eval_is_an_error(lm_tasks, tiny, tiny_p
         "t_ppl", lambda doc, results: {"word_perplexity": (-1e6, 1)})
     with pytest.raises(EvalError, match=r"'t_ppl': word_perplexity over 2 documents is inf"):
         runner.run(tiny("llava"), tiny_processor("llava").tokenizer, {"t_ppl": [1, 4]})
+
+
+def test_several_filters_name_each_metric_by_its_filter(lm_tasks, tmp_path, tiny, tiny_processor):
+    """exact_match on the raw and the stripped generation: `exact_match/raw` and
+    `exact_match/stripped`, each lm-eval's `exact_match,<filter>`."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    model, tok = tiny("llava"), tiny_processor("llava").tokenizer
+    probe = LmEvalRunner(["t_gen"], include_paths=[lm_tasks / "lm_eval"], batch_size=4)
+    said = {s["doc_id"]: s["filtered_resps"][0]
+            for s in probe.run(model, tok, {"t_gen": list(range(6))})["t_gen"].samples}
+    data = tmp_path / "gen2.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": said[i].strip()}) + "\n"
+                            for i, q in enumerate(QUESTIONS)))
+    (tmp_path / "t_gen2.yaml").write_text(
+        f"task: t_gen2\ndataset_path: json\ndataset_kwargs:\n  data_files: {{test: {data}}}\n"
+        f"test_split: test\n{LM_TASKS['t_gen']}"
+        "filter_list:\n"
+        "  - {name: raw, filter: [{function: take_first}]}\n"
+        "  - {name: stripped, filter: [{function: remove_whitespace}, {function: take_first}]}\n"
+        "metadata:\n  version: 1\n")
+    runner = LmEvalRunner(["t_gen2"], include_paths=[tmp_path], batch_size=4)
+    assert runner.metrics("t_gen2") == {"exact_match/raw": "exact_match",
+                                        "exact_match/stripped": "exact_match"}
+    out = runner.run(model, tok, {"t_gen2": list(range(6))})["t_gen2"]
+    unspaced = sum(said[i] == said[i].strip() for i in range(6)) / 6
+    assert out.metrics == {"exact_match/raw": unspaced, "exact_match/stripped": 1.0}
+    assert unspaced < 1.0
+    assert out.values[0] == {"exact_match/raw": float(said[0] == said[0].strip()),
+                             "exact_match/stripped": 1.0}
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=4, device="cpu", backend="causal")
+    ref = simple_evaluate(model=lm, tasks=["t_gen2"], bootstrap_iters=0,
+                          task_manager=TaskManager(include_path=str(tmp_path),
+                                                   include_defaults=False))["results"]["t_gen2"]
+    assert out.metrics == {"exact_match/raw": ref["exact_match,raw"],
+                           "exact_match/stripped": ref["exact_match,stripped"]}
