@@ -245,3 +245,135 @@ def test_a_setting_that_cannot_change_the_model_is_refused_before_loading(tmp_pa
                                                "tensors of its own (its head is tied to the token "
                                                "embeddings")
     assert not (tmp_path / "m.db").exists() and not (tmp_path / "o.db").exists()
+
+
+# ---------------------------------------------------------------------- lm-eval objectives
+
+TEXTS = ["one two three four five", "red green blue", "What colour is the shape?",
+         "a b c d e f g", "Question: What comes next? Answer: seven", "0 1 2 3 4 5 6 7 8 9"]
+
+
+def _perplexity_task(folder: Path) -> Path:
+    """Our task `ppl`: lm-eval's word perplexity (lower is better) of six short texts."""
+    import json
+
+    lm = folder / "lm_eval"
+    lm.mkdir(parents=True)
+    (lm / "texts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    (lm / "t_ppl.yaml").write_text(
+        "task: t_ppl\ndataset_path: json\ndataset_kwargs:\n  data_files: {test: texts.jsonl}\n"
+        "test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: \"\"\n"
+        "doc_to_target: \"{{text}}\"\nmetric_list: [{metric: word_perplexity}]\n"
+        "metadata:\n  version: 1\n")
+    task = folder / "ppl.yaml"
+    task.write_text("task: ppl\nversion: 1\nkind: lm_eval\nlm_eval_task: t_ppl\n"
+                    "include_path: lm_eval\nmetric: word_perplexity\n")
+    return task
+
+
+def lm_config(tmp_path: Path, models: dict[str, Path], task: Path, objective: str, *extra: str):
+    """An lm-eval-only study: one objective of one task, test split = the same task."""
+    cfg = compose([
+        f"models.base={models['base']}",
+        f"models.donors.vqa.path={models['vqa']}",
+        f"models.donors.text.path={models['text']}",
+        f"eval.tasks=[{task}]", f"eval.test_tasks=[{task}]", "eval.batch_size=4",
+        f"search.storage=sqlite:///{tmp_path / 'optuna.db'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "study_name=lm", "search.sampler=random", *extra,
+    ])
+    raw = OmegaConf.to_container(cfg)
+    name = yaml.safe_load(task.read_text())["task"]
+    raw["eval"]["objectives"] = raw["eval"]["test_objectives"] = {objective: {name: 1.0}}
+    raw["search"]["objectives"] = [objective]
+    return validate(raw)
+
+
+@pytest.mark.slow
+def test_a_perplexity_objective_is_minimised_with_lm_evals_value(tmp_path, models, tiny,
+                                                                 tiny_processor, monkeypatch):
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from vlmexp.commands.search import summary
+
+    monkeypatch.chdir(tmp_path)  # lm-eval reads the relative data_files against it, too
+    task = _perplexity_task(tmp_path / "tasks")
+    cfg = lm_config(tmp_path, models, task, "ppl", "search.n_trials=7",
+                    "search.pruning.startup_trials=4", "search.pruning.rungs=[0.5]",
+                    "search.pruning.percentile=100")
+    result = run_search(cfg, progress=False)
+    study = optuna.load_study(study_name="lm", storage=cfg.search.storage)
+    assert study.directions == [optuna.study.StudyDirection.MINIMIZE]
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert result.best[0].value == min(t.value for t in complete) > 1.0
+    assert len({round(t.value, 6) for t in complete}) >= 3  # not a constant
+    # the base (trial 0, unmerged) logs lm-eval's own word perplexity of the base model
+    monkeypatch.chdir(tmp_path / "tasks" / "lm_eval")
+    lm = HFLM(pretrained=tiny("llava"), tokenizer=tiny_processor("llava").tokenizer,
+              batch_size=4, device="cpu", backend="causal")
+    ref = simple_evaluate(model=lm, tasks=["t_ppl"], bootstrap_iters=0,
+                          task_manager=TaskManager(include_path=str(task.parent / "lm_eval"),
+                                                   include_defaults=False))
+    assert study.trials[0].value == pytest.approx(ref["results"]["t_ppl"]["word_perplexity,none"],
+                                                  rel=1e-9)
+    # the strict pruner (percentile 100) stops a trial iff it is worse (higher) at the rung
+    # than the best (lowest) complete trial there
+    judged = 0
+    for t in study.trials:
+        before = [o.intermediate_values[0] for o in complete
+                  if o.number < t.number and 0 in o.intermediate_values]
+        if before and 0 in t.intermediate_values:
+            judged += 1
+            assert (t.state == TrialState.PRUNED) == (t.intermediate_values[0] > min(before))
+    assert judged >= 2 and any(t.state == TrialState.PRUNED for t in study.trials)
+    # the test report: the same task held out, lower is better
+    assert result.test_directions == {"ppl": "minimize"}
+    assert result.baselines_test["base"]["ppl"] == pytest.approx(study.trials[0].value, rel=1e-9)
+    report = summary(cfg, result)
+    assert "(lower is better)" in report and "lower is better: ppl" in report
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
+    parent = [r for r in client.search_runs([client.get_experiment_by_name("lm").experiment_id])
+              if r.data.tags.get("vlmexp.role") == "study"][0]
+    assert parent.data.tags["vlmexp.directions"] == "minimize"
+    assert parent.data.metrics["best.ppl"] == result.best[0].value
+
+
+@pytest.mark.slow
+def test_a_model_with_non_finite_scores_fails_its_trial(tmp_path, models, tiny, tiny_processor,
+                                                        monkeypatch):
+    """Finite weights whose logits overflow: the merge passes, lm-eval's log-likelihoods are
+    NaN, and every trial is FAIL with the task and the document in its reason."""
+    from vlmexp.checkpoint import save_model
+
+    monkeypatch.chdir(tmp_path)
+    broken = copy.deepcopy(tiny("llava"))
+    with torch.no_grad():
+        broken.model.language_model.norm.weight.mul_(1e30)
+        broken.lm_head.weight.mul_(1e30)
+    bad = dict(models, base=save_model(broken, tmp_path / "broken", processor=tiny_processor("llava")))
+    cfg = lm_config(tmp_path, bad, EXAMPLES / "next_item_lmeval.yaml", "text",
+                    "search.n_trials=2", "search.baselines=false", "eval.test_tasks=[]")
+    result = run_search(cfg, progress=False)
+    study = optuna.load_study(study_name="lm", storage=cfg.search.storage)
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 2 and result.best == []
+    for t in study.trials:
+        reason = t.user_attrs["reason"]
+        assert reason.startswith("EvalError: ") and "lm-eval task 'example_next_item', document " \
+            in reason and "is NaN" in reason
+
+
+def test_a_resumed_study_keeps_its_directions(tmp_path):
+    from vlmexp.errors import ConfigError
+    from vlmexp.search.study import setup_study
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    kw = dict(storage=storage, sampler="random", seed=0, pruner=optuna.pruners.NopPruner())
+    study = setup_study("s", directions=["minimize"], **kw)
+    assert study.directions == [optuna.study.StudyDirection.MINIMIZE]
+    assert setup_study("s", directions=["minimize"], **kw).directions == study.directions
+    with pytest.raises(ConfigError, match=r"study 's' was created with directions \['minimize'\]"):
+        setup_study("s", directions=["maximize"], **kw)

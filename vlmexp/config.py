@@ -83,7 +83,7 @@ class StudyConfig:
     sampler: str = "tpe"  # a key of vlmexp.search.samplers.SAMPLERS
     n_trials: int = 40  # trials in the study in all (a resumed study runs up to this count)
     timeout: float | None = None  # seconds; no new trial starts after it
-    objectives: list[str] = field(default_factory=lambda: ["combined"])  # all maximised
+    objectives: list[str] = field(default_factory=lambda: ["combined"])  # directions: Evaluator
     baselines: bool = True  # enqueue base, each donor alone and the uniform average first
     storage: str | None = None  # Optuna storage URL; default sqlite:///optuna.db
     seed: int = 0

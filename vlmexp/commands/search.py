@@ -47,8 +47,10 @@ def summary(cfg, result) -> str:
     objectives = list(cfg.search.objectives)
     label = "best trial" if len(objectives) == 1 else "Pareto front"
     lines.append(f"{label}:")
+    lower = {o for o, d in result.directions.items() if d == "minimize"}
     for t in result.best:
-        vals = ", ".join(f"{o}={v:.3f}" for o, v in zip(objectives, t.values, strict=True))
+        vals = ", ".join(f"{o}={v:.3f}" + (" (lower is better)" if o in lower else "")
+                         for o, v in zip(objectives, t.values, strict=True))
         lines.append(f"  #{t.number}: {vals} (validation)")
     if result.test:
         names = sorted({k for v in [*result.test.values(), *result.baselines_test.values()]
@@ -61,6 +63,9 @@ def summary(cfg, result) -> str:
         for name, vals in rows:
             lines.append("  " + name.ljust(width)
                          + "".join(f"{vals.get(n, float('nan')):10.3f}" for n in names))
+        lower_test = [n for n in names if result.test_directions.get(n) == "minimize"]
+        if lower_test:
+            lines.append(f"  lower is better: {', '.join(lower_test)}")
     uri = cfg.tracking.uri or DEFAULT_URI
     lines.append(f"MLflow: {uri} (experiment {cfg.tracking.experiment or cfg.study_name!r}); "
                  f"browse with: mlflow ui --backend-store-uri {uri}")

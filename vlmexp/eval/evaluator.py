@@ -37,6 +37,11 @@ class ItemScore:
     every further rotation (in that rotation's letter order), `correct` is true only if every
     rotation was answered right and `margin` is the smallest rotation's margin; `chosen` is
     always the answer picked in the original order.
+    `values` (lm-eval tasks) holds lm-eval's per-sample value of each metric of the task, which
+    `Evaluator.joined` aggregates again over several evaluations. `value` is the item's own score
+    on its task's primary metric where items compare one by one (image tasks: 1.0 if right, else
+    0.0; lm-eval: the per-sample value of a metric aggregated by a mean), None where only the
+    aggregate over items means something (perplexities, f1, bleu).
     """
 
     task: str
@@ -47,6 +52,12 @@ class ItemScore:
     margin: float
     scores: list[float]
     rotations: list[list[float]] = field(default_factory=list)
+    value: float | None = None
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.value is None and not self.values:  # an image item: right or wrong
+            self.value = float(self.correct)
 
 
 @dataclass
@@ -66,11 +77,25 @@ class EvalResult:
             return None if isinstance(x, float) and not math.isfinite(x) else x
 
         items = {
-            t: [{**asdict(s), "margin": clean(s.margin)} for s in scores]
+            t: [{**asdict(s), "margin": clean(s.margin), "values": _plain(s.values)} for s in scores]
             for t, scores in self.items.items()
         }
         return {"metrics": self.metrics, "objectives": self.objectives, "tasks": self.tasks,
                 "items": items, "seconds": self.seconds}
+
+
+def _plain(value: Any) -> Any:
+    """lm-eval's per-sample values as JSON: tuples and arrays as lists, numpy numbers as
+    Python's, NaN and inf as None."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return value
 
 
 def _argmax(values: Sequence[float]) -> int:
@@ -119,6 +144,9 @@ class Evaluator:
     also `acc_norm` (log-prob per answer character, like lm-eval's) and `acc_token_mean`
     (per-token mean); CircularEval tasks also `acc_vanilla` (the original option order alone);
     tasks whose items have categories also `acc/<category>` (the primary metric per category).
+    lm-eval tasks report every metric of the task as lm-eval computes it (`vlmexp.eval.lmeval`).
+    An objective is maximised, or minimised when its tasks' primary metrics are lower-is-better
+    ones (perplexities); one that mixes the two is an EvalError (`directions`).
 
     Args:
         tasks: loaded tasks (`load_tasks`).
@@ -160,13 +188,15 @@ class Evaluator:
             from vlmexp.eval.lmeval import LmEvalRunner
 
             self._lmeval = LmEvalRunner(
-                [t.lm_eval_task for t in lm_tasks],
+                list(dict.fromkeys(str(t.lm_eval_task) for t in lm_tasks)),
                 include_paths=[t.include_path for t in lm_tasks if t.include_path],
                 batch_size=batch_size, device=device,
                 where={t.lm_eval_task: str(t.path) for t in lm_tasks},
             )
             for t in lm_tasks:
                 self._subsets[t.name] = t.subset_indices(self._lmeval.num_docs(t.lm_eval_task))
+        self._directions = {t.name: self._task_direction(t) for t in tasks}
+        self._objective_directions = {o: self._objective_direction(o) for o in self.objectives}
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], processor: Any, *, base_dir: str | Path = ".") -> Evaluator:
@@ -187,6 +217,42 @@ class Evaluator:
         objectives = cfg.get("objectives") or {t.name: {t.name: 1.0} for t in tasks}
         return cls(tasks, objectives, processor, batch_size=int(cfg.get("batch_size", 16)),
                    device=str(cfg.get("device", "cpu")))
+
+    def _task_direction(self, task: Task) -> str:
+        """"maximize" or "minimize": how the task's primary metric improves (image tasks: up;
+        lm-eval tasks: as the task's `higher_is_better()` says)."""
+        if task.kind != "lm_eval":
+            return "maximize"
+        assert self._lmeval is not None and task.lm_eval_task is not None
+        declared = self._lmeval.higher_is_better(task.lm_eval_task)
+        metric = task.primary_metric
+        if metric not in declared:
+            raise EvalError(f"{task.path}: lm-eval task {task.lm_eval_task!r} has no metric {metric!r} "
+                            f"(has {', '.join(declared) or 'none'})")
+        if declared[metric] is None:
+            raise EvalError(f"{task.path}: lm-eval task {task.lm_eval_task!r} declares no direction "
+                            f"(higher_is_better) for {metric!r}")
+        return "maximize" if declared[metric] else "minimize"
+
+    def _objective_direction(self, objective: str) -> str:
+        tasks = self.objectives[objective]
+        directions = {self._directions[t] for t in tasks}
+        if len(directions) > 1:
+            detail = ", ".join(f"{t} ({self._directions[t]})" for t in tasks)
+            raise EvalError(f"objective {objective!r} mixes metrics that improve in opposite "
+                            f"directions: {detail}; put them in separate objectives")
+        return directions.pop() if directions else "maximize"
+
+    def directions(self) -> dict[str, str]:
+        """Each objective's direction, "maximize" or "minimize", the way all its tasks' primary
+        metrics improve (an accuracy up, a perplexity down; the constructor refuses an objective
+        whose tasks disagree).
+
+        Example:
+            >>> evaluator.directions()  # doctest: +SKIP
+            {'vl': 'maximize', 'text_ppl': 'minimize'}
+        """
+        return dict(self._objective_directions)
 
     def subset(self, task: str) -> list[int]:
         """The task's deterministic subset (positions into its items or lm-eval docs)."""
@@ -354,37 +420,63 @@ class Evaluator:
         return values
 
     def joined(self, parts: Sequence[EvalResult]) -> tuple[dict[str, float], dict[str, float]]:
-        """Objective values and primary task metrics (`TASK.METRIC`) over the items of several
+        """Objective values and task metrics (`TASK.METRIC`) over the items of several
         evaluations of one model taken together (a trial's rungs so far).
+
+        An image task reports its primary metric, the share of its items answered right (and
+        per category, `acc/<category>`, where its items have categories); an
+        lm-eval task every metric of the task, aggregated by lm-eval over all its documents so
+        far as `lm_eval.simple_evaluate` would over the same documents.
 
         Example:
             >>> values, metrics = evaluator.joined([rung0, rung1])  # doctest: +SKIP
         """
-        correct: dict[str, list[bool]] = {}
+        items: dict[str, list[ItemScore]] = {}
         for part in parts:
-            for task, items in part.items.items():
-                correct.setdefault(task, []).extend(bool(i.correct) for i in items)
-        primary = {t: sum(flags) / len(flags) for t, flags in correct.items()}
-        metrics = {f"{t}.{self.tasks[t].primary_metric}": v for t, v in primary.items()}
+            for task, scores in part.items.items():
+                items.setdefault(task, []).extend(scores)
+        primary: dict[str, float] = {}
+        metrics: dict[str, float] = {}
+        for name, scores in items.items():
+            task = self.tasks[name]
+            if task.kind == "lm_eval":
+                assert self._lmeval is not None and task.lm_eval_task is not None
+                ordered = sorted(scores, key=lambda s: s.index)  # lm-eval's order: by document
+                found = self._lmeval.aggregate(task.lm_eval_task, [s.values for s in ordered])
+            else:
+                found = {task.primary_metric: sum(bool(s.correct) for s in scores) / len(scores),
+                         **_category_metrics(task, scores)}
+            primary[name] = found[task.primary_metric]
+            metrics.update({f"{name}.{m}": v for m, v in found.items()})
         return self.objective_values(primary), metrics
 
     def _lm_tasks(self, model: torch.nn.Module, names: list[str], slices: dict[str, list[int]],
                   result: EvalResult, bar: Any) -> None:
+        """lm-eval's scores of our lm-eval tasks; tasks that name one lm-eval task (e.g. with
+        different primary metrics) share one run over the union of their documents."""
         assert self._lmeval is not None
         t0 = time.perf_counter()
-        by_lm = {self.tasks[n].lm_eval_task: n for n in names}
+        docs: dict[str, set[int]] = {}
+        for n in names:
+            docs.setdefault(str(self.tasks[n].lm_eval_task), set()).update(slices[n])
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        outputs = self._lmeval.run(model, tokenizer, {lm: slices[n] for lm, n in by_lm.items()})
+        outputs = self._lmeval.run(model, tokenizer, {lm: sorted(d) for lm, d in docs.items()})
         spent = time.perf_counter() - t0
-        for lm, n in by_lm.items():
+        for n in names:
             task = self.tasks[n]
-            metric = task.primary_metric
-            if metric not in outputs[lm].metrics:
+            lm, metric = str(task.lm_eval_task), task.primary_metric
+            out = outputs[lm]
+            by_doc: dict[int, list[dict[str, Any]]] = {}
+            for s in out.samples:  # one logged sample per document and filter
+                by_doc.setdefault(int(s["doc_id"]), []).append(s)
+            mine = sorted(slices[n])
+            result.metrics[n] = self._lmeval.aggregate(lm, [out.values[d] for d in mine])
+            if metric not in result.metrics[n]:
                 raise EvalError(f"{task.path}: lm-eval task {lm!r} reports no metric {metric!r} "
-                                f"(has {', '.join(outputs[lm].metrics)})")
-            result.metrics[n] = outputs[lm].metrics
-            result.items[n] = [ItemScore(task=n, **self._lmeval.item_record(lm, s, metric))
-                               for s in sorted(outputs[lm].samples, key=lambda s: s["doc_id"])]
+                                f"(has {', '.join(result.metrics[n])})")
+            result.items[n] = [
+                ItemScore(task=n, **self._lmeval.item_record(lm, by_doc[d], metric, out.values[d]))
+                for d in mine]
             # lm-eval runs all its tasks in one call: share its time by item count
             result.seconds[n] = spent * len(slices[n]) / sum(len(slices[m]) for m in names)
             if bar is not None:

@@ -6,7 +6,12 @@ running value with the complete trials at that rung, or the paired sign test com
 scored so far with the same items of the best complete trial; with several objectives, a trial
 that a complete trial dominated by `margin` at the same rung stops.
 
-`Pruning`'s constructor takes the `search.pruning` config node's keys as its arguments.
+Every comparison follows each objective's direction (`directions`, from
+`Evaluator.directions()`): a perplexity objective is minimised. Optuna's pruners read the
+study's directions themselves.
+
+`Pruning`'s constructor takes the `search.pruning` config node's keys as its arguments, and the
+objectives and their directions.
 
 Example:
     >>> p = Pruning(objectives=["combined"], rungs=[0.25, 0.5], pruner="median")
@@ -29,7 +34,8 @@ if TYPE_CHECKING:
 
 
 def _percentile(p: Pruning) -> optuna.pruners.BasePruner:
-    # maximising: a trial whose rung value is below the given percentile of the others' stops
+    # a trial whose rung value is worse than the given percentile of the others' stops (Optuna
+    # reads "worse" from the study's direction)
     return optuna.pruners.PercentilePruner(100 - p.percentile, n_startup_trials=0,
                                            n_warmup_steps=0)
 
@@ -64,13 +70,14 @@ class History:
     """What this process has seen complete, for pruning decisions.
 
     `screen`: per rung, the objective values of complete trials (several objectives);
-    `best_items`: (task, item index) → correct for the best complete trial (the paired test).
+    `best_items`: (task, item index) → the item's value (`ItemScore.value`: 1.0 / 0.0 for right
+    or wrong, an lm-eval per-sample score) for the best complete trial (the paired test).
     """
 
     complete: int = 0  # complete trials of the study (others' as of start-up, then ours)
     screen: dict[int, list[dict[str, float]]] = field(default_factory=dict)
     best_value: float | None = None
-    best_items: dict[tuple[str, int], bool] = field(default_factory=dict)
+    best_items: dict[tuple[str, int], float] = field(default_factory=dict)
 
 
 class Pruning:
@@ -78,6 +85,8 @@ class Pruning:
 
     Args:
         objectives: the study's objectives, in order (the first decides with one objective).
+        directions: "maximize" or "minimize" per objective, in the same order (default: all
+            maximised).
         enabled: evaluate in rungs and prune; False evaluates every trial in full.
         rungs: fractions of every task evaluated before each decision, in (0, 1).
         pruner: one of `PRUNERS`.
@@ -87,11 +96,18 @@ class Pruning:
         margin: several objectives: how far a trial must be dominated at a rung.
     """
 
-    def __init__(self, *, objectives: Sequence[str], enabled: bool = True,
-                 rungs: Sequence[float] = (0.125, 0.25, 0.5), pruner: str = "percentile",
-                 percentile: float = 65.0, p_threshold: float = 0.1, startup_trials: int = 6,
-                 margin: float = 0.02) -> None:
+    def __init__(self, *, objectives: Sequence[str], directions: Sequence[str] | None = None,
+                 enabled: bool = True, rungs: Sequence[float] = (0.125, 0.25, 0.5),
+                 pruner: str = "percentile", percentile: float = 65.0, p_threshold: float = 0.1,
+                 startup_trials: int = 6, margin: float = 0.02) -> None:
         self.objectives = list(objectives)
+        self.directions = list(directions or ["maximize"] * len(self.objectives))
+        if len(self.directions) != len(self.objectives) or not set(self.directions) <= {
+                "maximize", "minimize"}:
+            raise ValueError(f"directions {self.directions}: one of maximize, minimize per "
+                             f"objective ({', '.join(self.objectives)})")
+        # +1 where larger is better, -1 where smaller is: sign · value is always "higher is better"
+        self.signs = [1.0 if d == "maximize" else -1.0 for d in self.directions]
         self.enabled = bool(enabled)
         self.rungs = sorted({float(r) for r in rungs if 0 < float(r) < 1})
         self.pruner = str(pruner)
@@ -134,25 +150,29 @@ class Pruning:
         mine = [values[o] for o in self.objectives]
         for other in self.history.screen.get(rung, []):
             theirs = [other[o] for o in self.objectives]
-            if all(t >= m + self.margin for t, m in zip(theirs, mine, strict=True)):
+            if all(s * t >= s * m + self.margin
+                   for s, t, m in zip(self.signs, theirs, mine, strict=True)):
                 return (f"dominated after {done} items: " + ", ".join(
                     f"{o}={v:.3f}" for o, v in zip(self.objectives, mine, strict=True)))
         return None
 
     def _paired(self, done: int, parts: Sequence[EvalResult]) -> str | None:
         """The items scored so far against the same items of the best trial: stop when the
-        trial is significantly worse there (one-sided sign test)."""
+        trial is significantly worse there (one-sided sign test). Items without a value of
+        their own (`ItemScore.value` None: a perplexity's documents) are not compared."""
         best = self.history.best_items
         if not best:
             return None
+        sign = self.signs[0]
         worse = better = 0
         for part in parts:
             for task, items in part.items.items():
                 for item in items:
                     ref = best.get((task, int(item.index)))
-                    if ref is None or ref == bool(item.correct):
+                    if ref is None or item.value is None or ref == item.value:
                         continue
-                    worse, better = (worse + 1, better) if ref else (worse, better + 1)
+                    worse, better = ((worse + 1, better) if sign * ref > sign * item.value
+                                     else (worse, better + 1))
         p = paired_p_value(worse, better)
         if p < self.p_threshold:
             return (f"worse than the best on {worse} items, better on {better} after {done} "
@@ -169,8 +189,9 @@ class Pruning:
             for rung, (_, at_rung) in enumerate(record.intermediate[:-1]):
                 h.screen.setdefault(rung, []).append(dict(at_rung))
         value = record.values[self.objectives[0]]
-        if len(self.objectives) == 1 and record.items and (h.best_value is None
-                                                           or value > h.best_value):
+        if len(self.objectives) == 1 and record.items and (
+                h.best_value is None or self.signs[0] * value > self.signs[0] * h.best_value):
             h.best_value = value
-            h.best_items = {(task, int(i["index"])): bool(i["correct"])
-                            for task, items in record.items.items() for i in items}
+            h.best_items = {(task, int(i["index"])): float(i["value"])
+                            for task, items in record.items.items() for i in items
+                            if i.get("value") is not None}

@@ -50,6 +50,7 @@ class Setup:
     pruning: Pruning
     tracker: Tracker
     objectives: list[str]
+    directions: list[str]  # "maximize" / "minimize" per objective (Evaluator.directions)
 
 
 # ---------------------------------------------------------------------- setup helpers
@@ -127,16 +128,22 @@ def setup_evaluator(eval_node: Mapping[str, Any], processor: Any, *, device: str
 
 
 def setup_study(study_name: str, *, storage: str | None, sampler: str, seed: int,
-                objectives: Sequence[str], pruner: optuna.pruners.BasePruner) -> optuna.Study:
-    """Create or load the Optuna study (storage default: `default_storage()`)."""
+                directions: Sequence[str], pruner: optuna.pruners.BasePruner) -> optuna.Study:
+    """Create or load the Optuna study (storage default: `default_storage()`), one direction
+    ("maximize" / "minimize") per objective, as `Evaluator.directions()` gives them."""
     storage = storage or default_storage()
     try:
-        return optuna.create_study(
+        study = optuna.create_study(
             study_name=study_name, storage=storage, load_if_exists=True,
-            directions=["maximize"] * len(objectives), pruner=pruner,
-            sampler=make_sampler(sampler, seed=seed, n_objectives=len(objectives)))
+            directions=list(directions), pruner=pruner,
+            sampler=make_sampler(sampler, seed=seed, n_objectives=len(directions)))
     except ValueError as err:  # e.g. resuming with another number of objectives
         raise ConfigError(f"search.storage {storage}: study {study_name!r}: {err}") from None
+    stored = [d.name.lower() for d in study.directions]
+    if stored != list(directions):  # a loaded study keeps its own directions
+        raise ConfigError(f"search.storage {storage}: study {study_name!r} was created with "
+                          f"directions {stored}, its objectives now have {list(directions)}")
+    return study
 
 
 def default_storage() -> str:
@@ -179,17 +186,18 @@ def setup(cfg: DictConfig) -> Setup:
                           trust_remote_code=models["trust_remote_code"],
                           allow_pickle=models["allow_pickle"])
     evaluator = setup_evaluator(node["eval"], engine.processor, device=device)
-    pruning = Pruning(objectives=objectives, **search["pruning"])
+    directions = [evaluator.directions()[o] for o in objectives]
+    pruning = Pruning(objectives=objectives, directions=directions, **search["pruning"])
     study = setup_study(str(cfg.study_name), storage=search["storage"],
-                        sampler=search["sampler"], seed=search["seed"], objectives=objectives,
+                        sampler=search["sampler"], seed=search["seed"], directions=directions,
                         pruner=pruning.optuna_pruner())
     tracking = node["tracking"]
     tracker = Tracker(tracking_uri=tracking["uri"], study_name=str(cfg.study_name),
                       experiment=tracking["experiment"] or str(cfg.study_name),
                       log_items=tracking["log_items"])
-    tracker.start(node, objectives=objectives, directions=["maximize"] * len(objectives),
+    tracker.start(node, objectives=objectives, directions=directions,
                   tasks=evaluator.identity())
-    return Setup(engine, evaluator, space, study, pruning, tracker, objectives)
+    return Setup(engine, evaluator, space, study, pruning, tracker, objectives, directions)
 
 
 # ---------------------------------------------------------------------- one trial
@@ -278,6 +286,8 @@ class SearchResult:
     test: dict[int, dict[str, float]] = field(default_factory=dict)
     baselines_test: dict[str, dict[str, float]] = field(default_factory=dict)
     parent_run_id: str | None = None
+    directions: dict[str, str] = field(default_factory=dict)  # objective -> maximize/minimize
+    test_directions: dict[str, str] = field(default_factory=dict)  # the same, test objectives
 
 
 def enqueue_baselines(study: optuna.Study, space: SearchSpace) -> None:
@@ -324,10 +334,12 @@ def run_search(cfg: DictConfig, *, progress: bool = True) -> SearchResult:
     best = _best(s.study, s.objectives)
     result = SearchResult(study_name=str(cfg.study_name), best=best,
                           trials=len(s.study.trials), seconds=time.perf_counter() - t0,
-                          parent_run_id=s.tracker.parent_run_id)
+                          parent_run_id=s.tracker.parent_run_id,
+                          directions=dict(zip(s.objectives, s.directions, strict=True)))
     if best and cfg.eval.test_tasks:
         test_evaluator = setup_evaluator(OmegaConf.to_container(cfg.eval, resolve=True),
                                          s.engine.processor, device=s.engine.device, test=True)
+        result.test_directions = test_evaluator.directions()
         result.test, result.baselines_test = test_report(best, s.space, s.engine,
                                                          test_evaluator)
     s.tracker.finish(s.study, test_results=result.test)
@@ -373,7 +385,7 @@ def _postfix(study: optuna.Study, objectives: Sequence[str], record: TrialRecord
     pruned = len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
     if not complete:
         return f"last {record.state.lower()}"
-    if len(objectives) == 1:
+    if len(objectives) == 1:  # Optuna's best: the lowest value where the study minimises
         best = study.best_trial
         return f"best {objectives[0]}={best.value:.3f} (#{best.number}), pruned {pruned}"
     return f"pareto front {len(study.best_trials)}, pruned {pruned}"
