@@ -413,3 +413,13 @@ def test_rotations_share_the_image_encoding(protocol_result, tiny):
     assert len(encoded) == 4 and all(len(c) == 4 for _, c in encoded)
     assert all(prefix["pixel_values"] is encoded[0][0]["pixel_values"] for prefix, _ in encoded)
     assert len({tuple(prefix["input_ids"][0].tolist()) for prefix, _ in encoded}) == 4
+
+
+def test_a_non_finite_choice_score_fails_naming_the_task_and_item(evaluator, tiny):
+    """A NaN score must not become a number: max() would pick the first choice every time."""
+    model = copy.deepcopy(tiny("llava"))
+    with torch.no_grad():
+        model.lm_head.weight[5:9] = float("nan")  # some answers' tokens only: others stay finite
+    with pytest.raises(EvalError, match=r"^task example_shapes_jsonl: item \d+ \(.*shapes\.jsonl, "
+                                        r"row \d+\): the score of '.+' is not finite"):
+        evaluator.evaluate(model, tasks=["example_shapes_jsonl"])
