@@ -341,6 +341,35 @@ def test_a_perplexity_objective_is_minimised_with_lm_evals_value(tmp_path, model
     assert parent.data.tags["vlmexp.directions"] == "minimize"
     assert parent.data.metrics["best.ppl"] == result.best[0].value
 
+    # the best trial, rebuilt by `reproduce` and scored by lm-eval itself: the value it logged
+    from vlmexp.checkpoint import open_model
+    from vlmexp.cli import main
+
+    best_run = client.get_run(parent.data.tags["vlmexp.best_run"])
+    assert main(["reproduce", "--best", "--experiment", "lm", "--tracking-uri",
+                 cfg.tracking.uri, "--out", str(tmp_path / "best")]) == 0
+
+    def lm_eval_of(folder: Path) -> float:
+        rebuilt = open_model(folder)
+        lm = HFLM(pretrained=rebuilt.model, tokenizer=rebuilt.processor.tokenizer, batch_size=4,
+                  device="cpu", backend="causal")
+        ref = simple_evaluate(model=lm, tasks=["t_ppl"], bootstrap_iters=0,
+                              task_manager=TaskManager(include_path=str(task.parent / "lm_eval"),
+                                                       include_defaults=False))
+        return ref["results"]["t_ppl"]["word_perplexity,none"]
+
+    logged = best_run.data.metrics["objective.ppl"]
+    assert logged == result.best[0].value
+    assert logged == pytest.approx(lm_eval_of(tmp_path / "best"), rel=1e-9)
+    # and a merge (the uniform average of the base and both donors), rebuilt by its run id
+    merged = next(r for r in client.search_runs([parent.info.experiment_id])
+                  if r.data.tags.get("vlmexp.baseline") == "uniform average")
+    assert main(["reproduce", merged.info.run_id, "--tracking-uri", cfg.tracking.uri,
+                 "--out", str(tmp_path / "uniform")]) == 0
+    value = merged.data.metrics["objective.ppl"]
+    assert value != study.trials[0].value
+    assert value == pytest.approx(lm_eval_of(tmp_path / "uniform"), rel=1e-9)
+
 
 @pytest.mark.slow
 def test_a_model_with_non_finite_scores_fails_its_trial(tmp_path, models, tiny, tiny_processor,
