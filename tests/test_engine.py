@@ -352,3 +352,24 @@ def test_every_family_runs_through_the_engine_and_only_touches_its_components(
     assert result.merged == sum(1 for n, i in engine.layout.params.items()
                                 if i.component in comps
                                 and any(n in engine.task_vectors[d] for d in comps[i.component]))
+
+
+def test_an_engine_for_some_components_keeps_copies_of_those_only(family, engine):
+    lean = MergeEngine(copy.deepcopy(family["base"]), {"vqa": family["vqa"], "text": family["text"]},
+                       progress=False, components={"language", "embed"})
+    kept = {engine.layout.params[n].component for n in lean._base}
+    assert kept == {"language", "embed"}
+    assert {engine.layout.params[n].component for tv in lean.task_vectors.values() for n in tv} \
+        == {"language", "embed"}
+    full_bytes = sum(t.nbytes for t in engine._base.values())
+    assert sum(t.nbytes for t in lean._base.values()) < 0.8 * full_bytes
+    assert lean.input_digest("base") == engine.input_digest("base")  # still the whole base
+    r = recipe(components={"language": {"vqa": {"weight": 0.4}, "text": {"weight": 0.7}},
+                           "embed": {"text": {"weight": 0.5}}})
+    assert lean.apply(r).weights_digest == engine.apply(r).weights_digest
+    with pytest.raises(RecipeError, match=r"^components\.vision: this engine keeps base copies "
+                                          r"and task vectors only for language, embed$"):
+        lean.apply(recipe(components={"vision": {"vqa": {"weight": 0.5}}}))
+    lean.reset()
+    engine.reset()
+    assert lean.weights_digest() == engine.weights_digest()

@@ -26,7 +26,7 @@ import hashlib
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from vlmexp.errors import MergeError, RecipeError
-from vlmexp.layout import Alignment, Layout, ParamInfo, align, discover, inert
+from vlmexp.layout import COMPONENTS, Alignment, Layout, ParamInfo, align, discover, inert
 from vlmexp.merge import kernels, methods
 from vlmexp.merge.recipe import ModelRef, Recipe
 
@@ -103,6 +103,10 @@ class MergeEngine:
         math_dtype: dtype of the stored task vectors (the recipe's math dtype by default).
         mask_cache_bytes: memory budget for cached deterministic sparsification masks.
         progress: show a progress bar while loading donors.
+        components: the components a recipe may change (None: all). Pristine base copies and
+            task vectors are kept only for their tensors, which is most of the engine's memory
+            when a search leaves part of the model alone (e.g. the vision tower); a recipe
+            that changes another component is a RecipeError.
     """
 
     def __init__(
@@ -116,6 +120,7 @@ class MergeEngine:
         math_dtype: torch.dtype = torch.float32,
         mask_cache_bytes: int = 2 << 30,
         progress: bool = True,
+        components: Collection[str] | None = None,
     ) -> None:
         from vlmexp.checkpoint import resolve_device
 
@@ -136,8 +141,11 @@ class MergeEngine:
         self.processor = getattr(loaded, "processor", None)
         self.layout: Layout = discover(self.model)
         self._params: dict[str, torch.nn.Parameter] = dict(self.model.named_parameters())
+        self.components = tuple(c for c in COMPONENTS if components is None or c in components)
+        # pristine copies of what a recipe may change; every other tensor stays the base's
         self._base: dict[str, torch.Tensor] = {
-            name: self._params[name].detach().clone() for name in self.layout.params
+            name: self._params[name].detach().clone() for name, info in self.layout.params.items()
+            if info.component in self.components
         }
         self.task_vectors: dict[str, dict[str, torch.Tensor]] = {}
         self.reach: dict[str, dict[str, int]] = {}  # donor -> component -> tensors it changes
@@ -163,7 +171,7 @@ class MergeEngine:
         base = open_model(recipe.base.path, revision=recipe.base.revision, device=_cpu_or(dev),
                           **opts)
         engine = cls(base, device=dev, vocab=recipe.vocab, math_dtype=_DTYPES[recipe.dtype],
-                     progress=progress)
+                     progress=progress, components={*recipe.components, *recipe.take})
         for ref in recipe.donors:
             donor = open_model(ref.path, revision=ref.revision, load_processor=False, **opts)
             engine.add_donor(ref.name, donor, map=ref.map, progress=progress)
@@ -186,7 +194,7 @@ class MergeEngine:
                              f"{alignment.kind}")
         donor_params = dict(donor_model.named_parameters())
         vectors: dict[str, torch.Tensor] = {}
-        items = [(b, d) for b, d in alignment.mapping.items() if b in self.layout.params]
+        items = [(b, d) for b, d in alignment.mapping.items() if b in self._base]
         for base_name, donor_name in tqdm(items, desc=f"task vector {name}", unit="tensor",
                                           disable=not progress, leave=False):
             src = donor_params[donor_name].detach()
@@ -212,7 +220,10 @@ class MergeEngine:
         if name == "base" and "base" not in self._input_digests:
             from vlmexp.checkpoint import weights_sha256
 
-            self._input_digests["base"] = weights_sha256(self._base)
+            # the whole base: pristine copies where kept, else the live tensor (never changed)
+            self._input_digests["base"] = weights_sha256(
+                {name: self._base.get(name, self._params[name].detach())
+                 for name in self.layout.params})
         if name not in self._input_digests:
             raise MergeError(f"no model named {name!r} is loaded")
         return self._input_digests[name]
@@ -417,6 +428,10 @@ class MergeEngine:
         if recipe.vocab != self.vocab:
             raise RecipeError(f"vocab: the recipe asks for {recipe.vocab!r} but the engine aligned "
                               f"its donors with {self.vocab!r}")
+        outside = sorted(c for c in {*recipe.components, *recipe.take} if c not in self.components)
+        if outside:
+            raise RecipeError(f"components.{outside[0]}: this engine keeps base copies and task "
+                              f"vectors only for {', '.join(self.components) or 'no component'}")
         for comp, per_donor in recipe.components.items():
             for donor in per_donor:
                 why = inert(comp, self.layout, self.reach[donor], donor)

@@ -223,6 +223,11 @@ class SearchSpace:
     def _slots(self, name: str) -> list[Slot]:
         return [slot for slot, n in self.param_names.items() if n == name]
 
+    def changed_components(self) -> set[str]:
+        """The components any recipe of this space can change (merged or taken): the engine
+        keeps base copies and task vectors for these only."""
+        return {*self._merged_components(), *self.take}
+
     def _merged_components(self) -> list[str]:
         return [c for c in self.components if c not in self.pin and c not in self.take]
 

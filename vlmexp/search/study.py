@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,14 +105,16 @@ def preflight(base: ModelRef, donors: Sequence[ModelRef], *, vocab: str,
 
 
 def setup_engine(base: ModelRef, donors: Sequence[ModelRef], *, device: str, vocab: str,
-                 trust_remote_code: bool = False, allow_pickle: bool = False) -> MergeEngine:
+                 components: Collection[str] | None = None, trust_remote_code: bool = False,
+                 allow_pickle: bool = False) -> MergeEngine:
     """The live base model with each donor's task vector (`merge.vocab`: the vocabulary policy;
+    `components`: what recipes may change, the only tensors the engine keeps copies of;
     `models.trust_remote_code`, `models.allow_pickle`: what `open_model` may run or unpickle)."""
     from vlmexp.checkpoint import open_model
 
     opts = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
     engine = MergeEngine(open_model(base.path, revision=base.revision, **opts), device=device,
-                         vocab=vocab, progress=True)
+                         vocab=vocab, progress=True, components=components)
     for d in donors:
         donor = open_model(d.path, revision=d.revision, load_processor=False, **opts)
         engine.add_donor(d.name, donor, map=d.map)
@@ -183,6 +185,7 @@ def setup(cfg: DictConfig) -> Setup:
                               trust_remote_code=models["trust_remote_code"])
     space = SearchSpace(node["space"], node["merge"], base, donors, layout=layout, reach=reach)
     engine = setup_engine(base, donors, device=device, vocab=node["merge"]["vocab"],
+                          components=space.changed_components(),
                           trust_remote_code=models["trust_remote_code"],
                           allow_pickle=models["allow_pickle"])
     evaluator = setup_evaluator(node["eval"], engine.processor, device=device)
