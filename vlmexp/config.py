@@ -111,6 +111,7 @@ class SearchConfig:
     study_name: str = "demo"
     device: str = "auto"
     threads: int | None = None  # torch threads (None: torch's default)
+    memory_budget: str | None = None  # what the merge engine may use, e.g. 20GiB (None: free now)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     space: SpaceConfig = field(default_factory=SpaceConfig)

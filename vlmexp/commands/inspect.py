@@ -20,6 +20,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from vlmexp.commands import add_model_flags
+from vlmexp.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -37,6 +38,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="when vocabulary sizes differ: error (refuse, the default) or "
                         "common_rows (share the common rows); see vlmexp.layout.VOCAB_POLICIES")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--plan", action="store_true",
+                   help="print the merge engine's memory plan instead, from the models' configs "
+                        "alone (no weight is read)")
+    p.add_argument("--components", default=None, metavar="C1,C2",
+                   help="with --plan: the components recipes may change (default: all)")
+    p.add_argument("--device", default="auto", help="with --plan: the merge device (default auto)")
+    p.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="with --plan: the memory the engine may use, e.g. 80GB (default: what "
+                        "is free on the device now)")
     add_model_flags(p)
     p.set_defaults(run=run)
 
@@ -106,6 +116,12 @@ def format_layout(spec: str, layout: Layout) -> str:
 def run(args: argparse.Namespace) -> int:
     from vlmexp.layout import align, discover
 
+    if args.plan:
+        return _plan(args)
+    for flag in ("components", "memory_budget"):
+        if getattr(args, flag) is not None:
+            raise ConfigError(f"--{flag.replace('_', '-')} goes with --plan")
+
     opts = {"trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle}
     model = load(args.model, **opts)
     layout = discover(model)
@@ -128,4 +144,43 @@ def run(args: argparse.Namespace) -> int:
         for alignment in alignments.values():
             print()
             print(alignment.describe(layout))
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """The memory plan of merging the donors into MODEL, from configs alone."""
+    from vlmexp.checkpoint import model_skeleton, resolve_device
+    from vlmexp.layout import COMPONENTS, align, discover
+    from vlmexp.merge.plan import parse_bytes, plan_memory
+
+    if not args.others:
+        raise ConfigError("--plan needs at least one DONOR")
+    components = COMPONENTS if args.components is None else [
+        c.strip() for c in args.components.split(",") if c.strip()]
+    unknown = [c for c in components if c not in COMPONENTS]
+    if unknown or not components:
+        raise ConfigError(f"--components: {', '.join(unknown) or 'none given'}: components are "
+                          f"{', '.join(COMPONENTS)}")
+    opts = {"trust_remote_code": args.trust_remote_code}
+    base = model_skeleton(args.model, **opts)
+    layout = discover(base)
+    reach, sizes = {}, {}
+    for spec in args.others:
+        donor = model_skeleton(spec, **opts)
+        sizes[spec] = sum(p.numel() * p.element_size() for p in donor.parameters())
+        reach[spec] = align(base, donor, vocab=args.vocab).reach(layout)
+    device = resolve_device(args.device)
+    budget = None if args.memory_budget is None else parse_bytes(args.memory_budget)
+    plan = plan_memory(layout, reach, components, device=device, donor_bytes=sizes,
+                       free_bytes=budget)
+    if args.json:
+        print(json.dumps({"device": plan.device, "model_bytes": plan.model_bytes,
+                          "pristine_bytes": plan.pristine_bytes,
+                          "task_vector_bytes": plan.task_vector_bytes,
+                          "largest_donor_bytes": plan.largest_donor_bytes,
+                          "held_bytes": plan.held_bytes, "peak_bytes": plan.peak_bytes,
+                          "free_bytes": plan.free_bytes}, indent=2))
+    else:
+        print(plan.describe())
+    plan.check()
     return 0

@@ -29,6 +29,7 @@ from vlmexp.errors import ConfigError, EvalError, MergeError, VlmexpError
 from vlmexp.eval import EvalResult, Evaluator
 from vlmexp.layout import Layout, align, discover
 from vlmexp.merge.engine import MergeEngine
+from vlmexp.merge.plan import parse_bytes, plan_memory
 from vlmexp.merge.recipe import ModelRef
 from vlmexp.search.pruning import Pruning
 from vlmexp.search.samplers import make_sampler
@@ -81,10 +82,11 @@ def resolve_models(models: Mapping[str, Any], *, progress: bool = True
 
 
 def preflight(base: ModelRef, donors: Sequence[ModelRef], *, vocab: str,
-              trust_remote_code: bool = False) -> tuple[Layout, dict[str, dict[str, int]]]:
-    """The base's layout and what each donor can change (component → tensors), from the
-    models' configs alone (no weight is read), so that a space that cannot work is refused
-    before anything is loaded."""
+              trust_remote_code: bool = False
+              ) -> tuple[Layout, dict[str, dict[str, int]], dict[str, int]]:
+    """The base's layout, what each donor can change (component → tensors) and each donor's
+    size in bytes, from the models' configs alone (no weight is read), so that a space that
+    cannot work, or a merge that cannot fit, is refused before anything is loaded."""
     from vlmexp.checkpoint import model_skeleton
     from vlmexp.errors import AlignmentError
 
@@ -92,16 +94,19 @@ def preflight(base: ModelRef, donors: Sequence[ModelRef], *, vocab: str,
     skeleton = model_skeleton(base.path, base.revision, **opts)
     layout = discover(skeleton)
     reach: dict[str, dict[str, int]] = {}
+    sizes: dict[str, int] = {}
     for d in donors:
+        donor = model_skeleton(d.path, d.revision, **opts)
+        sizes[d.name] = sum(p.numel() * p.element_size() for p in donor.parameters())
         try:
-            alignment = align(skeleton, model_skeleton(d.path, d.revision, **opts), vocab=vocab)
+            alignment = align(skeleton, donor, vocab=vocab)
         except AlignmentError as err:
             raise ConfigError(f"models.donors.{d.name}: {err}") from None
         if d.map != "auto" and alignment.kind != d.map:
             raise ConfigError(f"models.donors.{d.name}.map: {d.map}, but {d.path} aligns with "
                               f"the base as {alignment.kind}")
         reach[d.name] = alignment.reach(layout)
-    return layout, reach
+    return layout, reach, sizes
 
 
 def setup_engine(base: ModelRef, donors: Sequence[ModelRef], *, device: str, vocab: str,
@@ -181,9 +186,14 @@ def setup(cfg: DictConfig) -> Setup:
     device = resolve_device(str(cfg.device))
     models = node["models"]
     base, donors = resolve_models(models)
-    layout, reach = preflight(base, donors, vocab=node["merge"]["vocab"],
-                              trust_remote_code=models["trust_remote_code"])
+    layout, reach, sizes = preflight(base, donors, vocab=node["merge"]["vocab"],
+                                     trust_remote_code=models["trust_remote_code"])
     space = SearchSpace(node["space"], node["merge"], base, donors, layout=layout, reach=reach)
+    budget = node["memory_budget"]
+    plan = plan_memory(layout, reach, space.changed_components(), device=device,
+                       donor_bytes=sizes, free_bytes=None if budget is None else parse_bytes(budget))
+    plan.check()
+    print(plan.describe(), file=sys.stderr)
     engine = setup_engine(base, donors, device=device, vocab=node["merge"]["vocab"],
                           components=space.changed_components(),
                           trust_remote_code=models["trust_remote_code"],

@@ -1,0 +1,92 @@
+"""The memory plan: computed from configs alone, it equals what the engine then holds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vlmexp.checkpoint import model_skeleton, save_model
+from vlmexp.cli import main
+from vlmexp.errors import ConfigError
+from vlmexp.layout import align, discover
+from vlmexp.merge.engine import MergeEngine
+from vlmexp.merge.plan import parse_bytes, plan_memory
+from vlmexp.zoo.tiny import llava_family
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("plan")
+    family = llava_family()
+    return {name: str(save_model(model.to(torch.bfloat16), root / name))
+            for name, model in family.items()}
+
+
+@pytest.mark.parametrize("components", [{"language"}, {"vision", "projector"},
+                                        {"language", "embed", "head", "vision"}])
+def test_the_plan_equals_what_the_engine_holds(folders, components):
+    base = model_skeleton(folders["base"])
+    layout = discover(base)
+    assert {p.device.type for p in base.parameters()} == {"meta"}  # no weight was read
+    reach = {d: align(base, model_skeleton(folders[d])).reach(layout) for d in ("vqa", "text")}
+    plan = plan_memory(layout, reach, components, device="cpu", free_bytes=10**12)
+    engine = MergeEngine(folders["base"], {d: folders[d] for d in ("vqa", "text")},
+                         progress=False, components=components, device="cpu")
+    assert plan.model_bytes == sum(p.nbytes for p in engine.model.parameters())
+    assert plan.pristine_bytes == sum(t.nbytes for t in engine._base.values()) > 0
+    assert plan.task_vector_bytes == {d: sum(t.nbytes for t in engine.task_vectors[d].values())
+                                      for d in ("vqa", "text")}
+    if components == {"vision", "projector"}:  # the text-only donor reaches neither
+        assert plan.task_vector_bytes["text"] == 0 < plan.task_vector_bytes["vqa"]
+    plan.check()
+
+
+def test_a_plan_that_cannot_fit_is_refused(folders, capsys):
+    base = model_skeleton(folders["base"])
+    layout = discover(base)
+    reach = {"vqa": align(base, model_skeleton(folders["vqa"])).reach(layout)}
+    plan = plan_memory(layout, reach, {"language"}, device="cpu", free_bytes=1000)
+    with pytest.raises(ConfigError, match=r"^memory plan: the merge engine needs .* on cpu .* "
+                                          r"but 0\.00 GiB is free"):
+        plan.check()
+    assert main(["inspect", folders["base"], folders["vqa"], folders["text"], "--plan",
+                 "--components", "language", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["held_bytes"] == (out["model_bytes"] + out["pristine_bytes"]
+                                 + sum(out["task_vector_bytes"].values()))
+    assert main(["inspect", folders["base"], folders["vqa"], "--plan", "--memory-budget",
+                 "1KB"]) == 2
+    assert "memory plan: the merge engine needs" in capsys.readouterr().err
+    assert main(["inspect", folders["base"], "--components", "language"]) == 2
+    assert "--components goes with --plan" in capsys.readouterr().err
+
+
+def test_parse_bytes():
+    assert parse_bytes("20GiB") == 20 * 2**30
+    assert parse_bytes("80GB") == 80 * 10**9
+    assert parse_bytes("512") == 512
+    with pytest.raises(ConfigError, match="memory_budget: '20 gigs' is not a size"):
+        parse_bytes("20 gigs")
+
+
+def test_a_search_that_cannot_fit_is_refused_before_loading(folders, tmp_path, monkeypatch,
+                                                            capsys):
+    from vlmexp import checkpoint
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(checkpoint, "open_model", no_loading)
+    args = ["search", f"models.base={folders['base']}",
+            f"models.donors.vqa.path={folders['vqa']}",
+            f"models.donors.text.path={folders['text']}", "memory_budget=1KB",
+            f"search.storage=sqlite:///{tmp_path / 'o.db'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vlmexp search: error: memory plan: the merge "
+                                               "engine needs")
+    assert not (tmp_path / "m.db").exists()
