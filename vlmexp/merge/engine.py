@@ -7,6 +7,12 @@ then dropped. `apply` writes the merged weights into the live model's parameters
 model is allocated, and only tensors whose value must change are written (a component the
 recipe leaves out keeps, or gets back, the base's weights).
 
+Sparsification masks are cached by bytes (`mask_cache_bytes`), with what they need of a task
+vector whatever the density (a magnitude histogram, DELLA's ranks), so that a searched density
+costs one pass. DARE and DELLA draw from a counter stream keyed by (recipe seed, tensor, donor):
+the same masks on any device. Each apply returns the exact weights digest and per-component
+fingerprints (float64 sum and norm), which agree across devices within a tolerance.
+
 Example:
     >>> from vlmexp.zoo.tiny import build
     >>> base, donor = build("llava", seed=0), build("llava", seed=1)
@@ -15,9 +21,11 @@ Example:
     ...     "donors": [{"name": "ft", "path": "d"}],
     ...     "components": {"projector": {"ft": {"weight": 1.0}}}})
     >>> result = engine.apply(recipe)
-    >>> torch.equal(base.model.multi_modal_projector.linear_1.weight,
-    ...             donor.model.multi_modal_projector.linear_1.weight)
+    >>> torch.allclose(base.model.multi_modal_projector.linear_1.weight,
+    ...                donor.model.multi_modal_projector.linear_1.weight, rtol=0, atol=1e-6)
     True
+    >>> sorted(result.fingerprints)  # per component: float64 sum, norm, count
+    ['embed', 'head', 'language', 'projector', 'vision']
 """
 
 from __future__ import annotations
@@ -52,7 +60,7 @@ DIGEST_SCHEME = "isum2"
 @dataclass
 class ApplyResult:
     """What one `apply` did: the weights digest and per-component fingerprints of the result,
-    seconds (of the merge; of the digest and fingerprints), and how many tensors it wrote."""
+    seconds (of the merge, of the digest, of the fingerprints), and how many tensors it wrote."""
 
     weights_digest: str
     seconds: float
@@ -60,6 +68,7 @@ class ApplyResult:
     written: int
     merged: int
     fingerprints: dict[str, Fingerprint] = field(default_factory=dict)
+    fingerprint_seconds: float = 0.0
 
 
 class _MaskCache:
@@ -314,10 +323,11 @@ class MergeEngine:
         seconds = time.perf_counter() - start
         t0 = time.perf_counter()
         digest = self.weights_digest()
+        t1 = time.perf_counter()
         prints = self.fingerprints()
-        return ApplyResult(weights_digest=digest, seconds=seconds,
-                           digest_seconds=time.perf_counter() - t0, written=written,
-                           merged=merged, fingerprints=prints)
+        return ApplyResult(weights_digest=digest, seconds=seconds, digest_seconds=t1 - t0,
+                           written=written, merged=merged, fingerprints=prints,
+                           fingerprint_seconds=time.perf_counter() - t1)
 
     def _merge_one(self, recipe: Recipe, spec: methods.MethodSpec, params: dict[str, Any],
                    info: ParamInfo, donors: list[str], math_dtype: torch.dtype) -> None:
