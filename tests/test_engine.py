@@ -99,14 +99,106 @@ def test_same_recipe_same_digest_and_cached_masks(engine):
     r = recipe("ties", components={"language": {"vqa": {"weight": 1.0, "density": 0.4},
                                                 "text": {"weight": 0.7, "density": 0.6}}})
     a = engine.apply(r)
-    misses = engine.masks.misses
+    hits, masks = engine.masks.counts["mask"]
+    assert hits == 0 and masks > 0
     b = engine.apply(r)
     assert a.weights_digest == b.weights_digest
-    assert engine.masks.misses == misses  # second apply computed no mask
-    assert engine.masks.hits >= misses
+    assert engine.masks.counts["mask"] == [masks, masks]  # second apply computed no mask
     other = engine.apply(recipe("ties", components={
         "language": {"vqa": {"weight": 1.0, "density": 0.5}, "text": {"weight": 0.7, "density": 0.6}}}))
     assert other.weights_digest != a.weights_digest
+
+
+def test_a_new_density_reuses_the_cached_ranking_and_equals_a_top_k_from_scratch(
+        engine, family, monkeypatch):
+    from vlmexp.merge import methods
+    from vlmexp.merge import sparsify as sp
+
+    def comps(density: float) -> dict:
+        return {"language": {"vqa": {"weight": 1.0, "density": density},
+                             "text": {"weight": 0.7, "density": 0.6}},
+                "projector": {"vqa": {"weight": 0.5, "density": density}}}
+
+    first = engine.apply(recipe("ties", components=comps(0.4)))
+    hits, ranked = engine.masks.counts["ranking"]
+    vqa = [n for n, i in engine.layout.params.items()
+           if i.component in ("language", "projector") and n in engine.task_vectors["vqa"]]
+    text = [n for n, i in engine.layout.params.items()
+            if i.component == "language" and n in engine.task_vectors["text"]]
+    assert hits == 0 and ranked == len(vqa) + len(text)
+    found = []  # order statistics found from a cached histogram (one bucket, not a top-k)
+    kth = sp.MagnitudeHistogram.kth_smallest
+    monkeypatch.setattr(sp.MagnitudeHistogram, "kth_smallest",
+                        lambda self, mags, k: found.append(k) or kth(self, mags, k))
+    searched = engine.apply(recipe("ties", components=comps(0.55)))
+    assert len(found) == len(vqa)
+    # vqa's new density: one lookup of each tensor's ranking, none computed; text's mask is cached
+    assert engine.masks.counts["ranking"] == [len(vqa), ranked]
+    assert engine.masks.counts["mask"] == [len(text), 2 * len(vqa) + len(text)]
+    assert searched.weights_digest != first.weights_digest
+    # the same merge with every mask found by a top-k over the whole tensor (no ranking)
+    monkeypatch.setattr(methods, "mask_ranking", lambda method, delta: None)
+    scratch = MergeEngine(copy.deepcopy(family["base"]),
+                          {"vqa": family["vqa"], "text": family["text"]}, progress=False)
+    assert scratch.apply(recipe("ties", components=comps(0.55))).weights_digest == \
+        searched.weights_digest
+    scratch.apply(recipe("ties", components=comps(0.7)))
+    assert scratch.masks.counts["ranking"][0] == 0  # no ranking was kept: all top-k from scratch
+
+
+def test_dare_masks_depend_on_seed_tensor_donor_and_index_only(family, monkeypatch):
+    from vlmexp.merge import sparsify as sp
+
+    def engine_() -> MergeEngine:
+        return MergeEngine(copy.deepcopy(family["base"]),
+                           {"vqa": family["vqa"], "text": family["text"]}, progress=False)
+
+    both = recipe("dare_ties", seed=4, components={
+        "language": {"vqa": {"weight": 1.0, "density": 0.5}, "text": {"weight": 0.6, "density": 0.3}},
+        "vision": {"vqa": {"weight": 0.8, "density": 0.7}}})
+    a = engine_().apply(both)
+    monkeypatch.setattr(sp, "_STREAM_CHUNK_CPU", 97)  # other chunking, another engine
+    b = engine_().apply(both)
+    assert a.weights_digest == b.weights_digest
+    assert a.fingerprints == b.fingerprints
+    # vqa's kept entries are the stream's numbers below the density, whoever else takes part
+    engine = engine_()
+    base = family["base"].state_dict()
+    for donors in ({"vqa": {"weight": 1.0, "density": 0.5}},
+                   {"vqa": {"weight": 1.0, "density": 0.5}, "text": {"weight": 0.0, "density": 0.2}}):
+        engine.apply(recipe("dare_linear", seed=4, components={"language": donors},
+                            parameters={"rescale": False}))
+        live = engine.model.state_dict()
+        checked = 0
+        for name, tv in engine.task_vectors["vqa"].items():
+            if engine.layout.params[name].component != "language":
+                continue
+            expected = sp.random_mask(tv, 0.5, sp.CounterStream.of(4, name, "vqa"))
+            changed = live[name] != base[name]
+            assert torch.equal(changed, expected & (base[name] + tv != base[name])), name
+            checked += 1
+        assert checked > 5
+
+
+def test_apply_reports_float64_fingerprints_per_component(engine):
+    from vlmexp.merge.fingerprint import Fingerprint, difference
+
+    r = recipe(components={"language": {"vqa": {"weight": 0.6}, "text": {"weight": 0.3}}})
+    result = engine.apply(r)
+    assert set(result.fingerprints) == {i.component for i in engine.layout.params.values()}
+    live = engine.state_dict_view()
+    for component, got in result.fingerprints.items():
+        tensors = [live[n].double() for n, i in engine.layout.params.items()
+                   if i.component == component]
+        ref = Fingerprint(total=sum(t.sum().item() for t in tensors),
+                          norm=sum((t ** 2).sum().item() for t in tensors) ** 0.5,
+                          count=sum(t.numel() for t in tensors))
+        assert got.count == ref.count
+        assert difference(ref, got) < 1e-7, component  # float32 row sums: 10x below 1e-6
+    assert engine.fingerprints() == result.fingerprints
+    other = engine.apply(recipe(components={"language": {"vqa": {"weight": 0.7}}}))
+    assert other.fingerprints["language"] != result.fingerprints["language"]
+    assert other.fingerprints["vision"] == result.fingerprints["vision"]
 
 
 def test_random_methods_are_seeded_per_tensor(engine):

@@ -77,6 +77,8 @@ def test_every_command_prompts_and_scores_a_hub_checkpoint_alike(family, hub, tm
     logged_identity = parent.data.params[f"task.{IMAGE_TASK}"]
     assert " chat prompts:" in logged_identity  # prompted through the real chat template
     assert {r.data.tags[f"task.{IMAGE_TASK}"] for r in trials.values()} == {logged_identity}
+    prints = {k for k in trials["base"].data.tags if k.startswith("vlmexp.fingerprint.")}
+    assert {"vlmexp.fingerprint.language", "vlmexp.fingerprint.vision"} <= prints
     client = mlflow.MlflowClient(tracking_uri=uri)
 
     # evaluate, by hub id: the same prompts and the very same per-item scores as the search

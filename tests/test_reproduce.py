@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -48,14 +49,14 @@ def study(tmp_path_factory, tiny_processor):
     tracker.start({"eval": logged_eval, "search": {"n_trials": 2}}, objectives=["vl"],
                   directions=["maximize"])
 
-    def log(number: int, digest: str, value: float) -> str:
+    def log(number: int, digest: str, value: float, fingerprints: dict | None = None) -> str:
         return tracker.log_trial(TrialRecord(
             number=number, state="COMPLETE", recipe=recipe, values={"vl": value},
             metrics=metrics, intermediate=[], seconds={"merge": applied.seconds},
-            weights_digest=digest, items=None))
+            weights_digest=digest, items=None, fingerprints=fingerprints or {}))
 
-    good = log(0, applied.weights_digest, result.objectives["vl"])
-    tampered = log(1, TAMPERED, result.objectives["vl"] - 0.5)
+    good = log(0, applied.weights_digest, result.objectives["vl"], applied.fingerprints)
+    tampered = log(1, TAMPERED, result.objectives["vl"] - 0.5)  # no fingerprints
     tracker.close()
     merged = {k: v.detach().clone() for k, v in engine.model.state_dict().items()}
     return {"root": root, "uri": uri, "good": good, "tampered": tampered, "recipe": recipe,
@@ -89,9 +90,62 @@ def test_a_digest_mismatch_is_refused_and_writes_nothing(study, tmp_path, capsys
     lines = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
     assert len(lines) == 1
     assert study["digest"] in lines[0] and TAMPERED in lines[0]
+    assert "the run logged no fingerprints" in lines[0]
     assert lines[0].startswith("vlmexp reproduce: error: run ")
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # no temporary folder left either
+
+
+def rebuild_perturbed(monkeypatch, change) -> None:
+    """Make the rebuild's weights differ from the logged merge, as another device's would."""
+    apply = MergeEngine.apply
+
+    def perturbed(self, recipe):
+        result = apply(self, recipe)
+        with torch.no_grad():
+            for tensor in self.state_dict_view().values():
+                change(tensor)
+        return dataclasses.replace(result, weights_digest=self.weights_digest(),
+                                   fingerprints=self.fingerprints())
+
+    monkeypatch.setattr(MergeEngine, "apply", perturbed)
+
+
+def one_ulp_up_in_every_other_entry(t: torch.Tensor) -> None:
+    flat = t.view(-1)[::2]  # float32: about 6e-8 relative, a device's rounding
+    flat.copy_(torch.nextafter(flat, torch.full_like(flat, float("inf"))))
+
+
+def test_a_rebuild_that_differs_by_rounding_agrees_by_fingerprints(study, tmp_path, capsys,
+                                                                  monkeypatch):
+    rebuild_perturbed(monkeypatch, one_ulp_up_in_every_other_entry)
+    out = tmp_path / "other-device"
+    rc = main(["reproduce", study["good"], "--out", str(out), "--tracking-uri", study["uri"],
+               "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert f"differs from the logged {study['digest']}" in err
+    assert "holds only on the same device and dtype" in err
+    assert "every component's fingerprint agrees (largest relative difference" in err
+    assert "(agrees with the run's fingerprints within 1e-06) -> " in err
+    state = open_model(out).model.state_dict()
+    changed = [k for k, v in study["merged"].items() if not torch.equal(state[k], v)]
+    assert changed and all(torch.allclose(state[k], study["merged"][k], rtol=2 ** -23, atol=1e-44)
+                           for k in changed)
+
+
+def test_a_rebuild_that_differs_beyond_rounding_is_refused(study, tmp_path, capsys,
+                                                          monkeypatch):
+    rebuild_perturbed(monkeypatch, lambda t: t.mul_(1 + 1e-3))
+    out = tmp_path / "wrong"
+    rc = main(["reproduce", study["good"], "--out", str(out), "--tracking-uri", study["uri"],
+               "--device", "cpu"])
+    assert rc == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+    assert len(lines) == 1
+    assert "the weights differ beyond rounding: largest relative difference 1.0e-03" in lines[0]
+    assert "tolerance 1e-06; nothing written" in lines[0]
+    assert not out.exists()
 
 
 def test_best_reproduces_the_best_trial(study, tmp_path, capsys):

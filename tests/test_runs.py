@@ -8,6 +8,7 @@ import pytest
 from mlflow import MlflowClient
 
 from vlmexp.errors import TrackingError
+from vlmexp.merge.fingerprint import Fingerprint
 from vlmexp.merge.recipe import Recipe
 from vlmexp.search.mlflow_store import BEST_RUN, PARETO_RUNS
 from vlmexp.search.runs import find_run, load_study_config
@@ -63,6 +64,24 @@ def test_find_run_by_id_reads_recipe_digest_metrics_and_values(uri):
     assert info.values == {"acc": 0.4}
     assert info.parent_run_id == tracker.parent_run_id
     assert info.tracking_uri == uri
+
+
+def test_find_run_reads_the_fingerprints_back_exactly(uri):
+    tracker = study(uri, "prints")
+    prints = {"language": Fingerprint(total=-0.1 / 3, norm=12345.678901234567, count=10 ** 9),
+              "vision": Fingerprint(total=2.0 ** -40, norm=1e-300, count=7)}
+    logged = tracker.log_trial(TrialRecord(
+        number=0, state="COMPLETE", recipe=make_recipe(0.1), values={"acc": 0.5}, metrics={},
+        intermediate=[], seconds={}, weights_digest="isum2:" + "1" * 64, items=None,
+        fingerprints=prints))
+    bare = log(tracker, 1, 0.4)
+    tracker.close()
+    assert find_run(uri, run_id=logged).fingerprints == prints  # every digit round-trips
+    assert find_run(uri, run_id=bare).fingerprints == {}
+    client = MlflowClient(uri)
+    client.set_tag(bare, "vlmexp.fingerprint.head", "1.0,2.0")
+    with pytest.raises(TrackingError, match="tag vlmexp.fingerprint.head is '1.0,2.0', not"):
+        find_run(uri, run_id=bare)
 
 
 def test_best_is_the_best_complete_trial_in_the_study_direction(uri):

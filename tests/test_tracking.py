@@ -11,6 +11,7 @@ import yaml
 from mlflow import MlflowClient
 
 from vlmexp.errors import TrackingError
+from vlmexp.merge.fingerprint import Fingerprint
 from vlmexp.merge.recipe import Recipe
 from vlmexp.search import plots
 from vlmexp.search.tracking import Tracker, TrialRecord, flatten_config
@@ -62,7 +63,8 @@ def test_trials_are_child_runs_with_status_params_metrics_tags_artifacts(store, 
     uri, _ = store
     tracker = Tracker(tracking_uri=uri, experiment="statuses", study_name="statuses")
     parent = tracker.start(CONFIG, objectives=["acc"], directions=["maximize"])
-    ok = tracker.log_trial(record(0, baseline="base"))
+    ok = tracker.log_trial(record(0, baseline="base", fingerprints={
+        "language": Fingerprint(total=0.1, norm=3.0000000000000004, count=12)}))
     pruned = tracker.log_trial(record(1, "PRUNED", reason="below the median at 4 items",
                                       intermediate=[(4, {"acc": 0.1})]))
     failed = tracker.log_trial(record(2, "FAIL", recipe=None, weights_digest=None, items=None,
@@ -100,6 +102,8 @@ def test_trials_are_child_runs_with_status_params_metrics_tags_artifacts(store, 
     assert tags["vlmexp.recipe_hash"] == make_recipe().content_hash()
     assert tags["vlmexp.weights_digest"] == f"isum2:{0:064x}"
     assert tags["vlmexp.baseline"] == "base"
+    assert tags["vlmexp.fingerprint.language"] == "0.1,3.0000000000000004,12"
+    assert not any(k.startswith("vlmexp.fingerprint.") for k in runs[failed].data.tags)
     text = artifact(client, ok, "recipe.yaml", tmp_path / "ok")
     assert Recipe.from_yaml_text(text) == make_recipe()
     items = json.loads(artifact(client, ok, "items.json", tmp_path / "ok"))

@@ -1,9 +1,13 @@
 """`python -m vlmexp reproduce RUN_ID --out DIR` (or `--best`): rebuild a trial's checkpoint.
 
-The checkpoint is rebuilt from the run's `recipe.yaml` and the model folders alone; the weights
-digest of the rebuilt merge must equal the run's logged `vlmexp.weights_digest`, else nothing is
-written. `--evaluate` re-runs the study's evaluation (the `eval` node of its logged config) and
-prints the logged and the new value of each objective and metric.
+The checkpoint is rebuilt from the run's `recipe.yaml` and the model folders alone and checked
+against the run: the weights digest must equal the logged `vlmexp.weights_digest`, or, where it
+does not (an exact digest holds only on the same device and dtype: a rebuild on another GPU or on
+the CPU rounds some entries differently), every component's fingerprint (float64 sum and norm,
+`vlmexp.fingerprint.<component>`) must agree within `merge.fingerprint.TOLERANCE` (1e-6 relative
+for float32 weights, 1e-4 for bf16/fp16); else nothing is written. `--evaluate` re-runs the
+study's evaluation (the `eval` node of its logged config) and prints the logged and the new value
+of each objective and metric.
 
 Example:
     python -m vlmexp reproduce --best --experiment demo --out merged/ --evaluate
@@ -22,7 +26,7 @@ from vlmexp.errors import CheckpointError, TrackingError
 from vlmexp.search.mlflow_store import DEFAULT_URI
 
 if TYPE_CHECKING:
-    from vlmexp.merge.engine import MergeEngine
+    from vlmexp.merge.engine import ApplyResult, MergeEngine
     from vlmexp.search.runs import RunInfo
 
 
@@ -66,21 +70,40 @@ def run(args: argparse.Namespace) -> int:
                                      trust_remote_code=args.trust_remote_code,
                                      allow_pickle=args.allow_pickle)
     result = engine.apply(recipe)
-    if info.weights_digest is None:
-        print(f"warning: {what} has no logged weights digest; the rebuild cannot be verified",
-              file=sys.stderr)
-    elif result.weights_digest != info.weights_digest:
-        raise TrackingError(f"{what}: rebuilt weights digest {result.weights_digest} does not "
-                            f"match the logged {info.weights_digest}; nothing written")
+    verdict = _verify(info, result, engine, what)
     save_model(engine.model, out, processor=engine.processor, source_dir=engine.sources["base"],
                force=args.force)
     engine.pin(recipe).save(out / "recipe.yaml")
-    print(f"weights digest {result.weights_digest} "
-          f"({'matches the run' if info.weights_digest else 'unverified'}) -> {out}",
-          file=sys.stderr)
+    print(f"weights digest {result.weights_digest} ({verdict}) -> {out}", file=sys.stderr)
     if args.evaluate:
         _evaluate(info, engine)
     return 0
+
+
+def _verify(info: RunInfo, result: ApplyResult, engine: MergeEngine, what: str) -> str:
+    """How the rebuilt merge matches the run (for the final line); TrackingError where not."""
+    from vlmexp.merge.fingerprint import compare, tolerance_for
+
+    if info.weights_digest is None:
+        print(f"warning: {what} has no logged weights digest; the rebuild cannot be verified",
+              file=sys.stderr)
+        return "unverified"
+    if result.weights_digest == info.weights_digest:
+        return "matches the run"
+    mismatch = (f"{what}: rebuilt weights digest {result.weights_digest} does not match the "
+                f"logged {info.weights_digest}")
+    if not info.fingerprints:
+        raise TrackingError(f"{mismatch}, and the run logged no fingerprints to compare within "
+                            f"a tolerance; nothing written")
+    tolerance = tolerance_for({t.dtype for t in engine.state_dict_view().values()})
+    check = compare(info.fingerprints, result.fingerprints, tolerance=tolerance)
+    if not check.agree:
+        raise TrackingError(f"{mismatch}, and the weights differ beyond rounding: {check.why}; "
+                            f"nothing written")
+    print(f"note: the weights digest differs from the logged {info.weights_digest}: an exact "
+          f"digest holds only on the same device and dtype; every component's fingerprint "
+          f"agrees ({check.why})", file=sys.stderr)
+    return f"agrees with the run's fingerprints within {tolerance:.0e}"
 
 
 def _evaluate(info: RunInfo, engine: MergeEngine) -> None:

@@ -7,6 +7,12 @@ then dropped. `apply` writes the merged weights into the live model's parameters
 model is allocated, and only tensors whose value must change are written (a component the
 recipe leaves out keeps, or gets back, the base's weights).
 
+Sparsification masks are cached by bytes (`mask_cache_bytes`), with what they need of a task
+vector whatever the density (a magnitude histogram, DELLA's ranks), so that a searched density
+costs one pass. DARE and DELLA draw from a counter stream keyed by (recipe seed, tensor, donor):
+the same masks on any device. Each apply returns the exact weights digest and per-component
+fingerprints (float64 sum and norm), which agree across devices within a tolerance.
+
 Example:
     >>> from vlmexp.zoo.tiny import build
     >>> base, donor = build("llava", seed=0), build("llava", seed=1)
@@ -15,9 +21,11 @@ Example:
     ...     "donors": [{"name": "ft", "path": "d"}],
     ...     "components": {"projector": {"ft": {"weight": 1.0}}}})
     >>> result = engine.apply(recipe)
-    >>> torch.equal(base.model.multi_modal_projector.linear_1.weight,
-    ...             donor.model.multi_modal_projector.linear_1.weight)
+    >>> torch.allclose(base.model.multi_modal_projector.linear_1.weight,
+    ...                donor.model.multi_modal_projector.linear_1.weight, rtol=0, atol=1e-6)
     True
+    >>> sorted(result.fingerprints)  # per component: float64 sum, norm, count
+    ['embed', 'head', 'language', 'projector', 'vision']
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,13 +43,14 @@ from tqdm import tqdm
 
 from vlmexp.errors import MergeError, RecipeError
 from vlmexp.layout import COMPONENTS, Alignment, Layout, ParamInfo, align, discover, inert
-from vlmexp.merge import kernels, methods
+from vlmexp.merge import kernels, methods, sparsify
+from vlmexp.merge.fingerprint import Fingerprint, fingerprints
 from vlmexp.merge.recipe import ModelRef, Recipe
 
 if TYPE_CHECKING:
     from vlmexp.checkpoint import ResolvedModel
 
-# masks held for queued merges before the queue is run early (DARE's are drawn per apply)
+# masks held for queued merges before the queue is run early (those the cache cannot hold)
 _QUEUED_MASK_BYTES = 256 << 20
 _DTYPES = {"float32": torch.float32, "float64": torch.float64,
            "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,43 +59,60 @@ DIGEST_SCHEME = "isum2"
 
 @dataclass
 class ApplyResult:
-    """What one `apply` did: the weights digest, seconds, and how many tensors it wrote."""
+    """What one `apply` did: the weights digest and per-component fingerprints of the result,
+    seconds (of the merge, of the digest, of the fingerprints), and how many tensors it wrote."""
 
     weights_digest: str
     seconds: float
     digest_seconds: float
     written: int
     merged: int
+    fingerprints: dict[str, Fingerprint] = field(default_factory=dict)
+    fingerprint_seconds: float = 0.0
 
 
 class _MaskCache:
-    """Deterministic sparsification masks (e.g. magnitude top-k for a density), LRU by bytes."""
+    """Sparsification masks and their density-independent rankings, LRU by bytes.
+
+    Keys are tuples whose first entry is the kind ("mask" or "ranking"); `hits` and `misses`
+    count every lookup, `counts[kind]` those of one kind as [hits, misses].
+    """
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget = budget_bytes
         self.used = 0
         self.hits = 0
         self.misses = 0
-        self._masks: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.counts: dict[str, list[int]] = {}
+        self._entries: OrderedDict[tuple, Any] = OrderedDict()
 
-    def get(self, key: tuple) -> torch.Tensor | None:
-        mask = self._masks.get(key)
-        if mask is None:
+    def get(self, key: tuple) -> Any:
+        entry = self._entries.get(key)
+        count = self.counts.setdefault(key[0], [0, 0])
+        if entry is None:
             self.misses += 1
+            count[1] += 1
             return None
         self.hits += 1
-        self._masks.move_to_end(key)
-        return mask
+        count[0] += 1
+        self._entries.move_to_end(key)
+        return entry
 
-    def put(self, key: tuple, mask: torch.Tensor) -> None:
-        size = mask.numel() * mask.element_size()
+    def put(self, key: tuple, entry: Any) -> None:
+        size = _nbytes(entry)
         if size > self.budget:
             return
-        while self.used + size > self.budget and self._masks:
-            _, old = self._masks.popitem(last=False)
-            self.used -= old.numel() * old.element_size()
-        self._masks[key] = mask
+        while self.used + size > self.budget and self._entries:
+            _, old = self._entries.popitem(last=False)
+            self.used -= _nbytes(old)
+        self._entries[key] = entry
         self.used += size
+
+
+def _nbytes(entry: Any) -> int:
+    if isinstance(entry, torch.Tensor):
+        return entry.numel() * entry.element_size()
+    return int(entry.nbytes)
 
 
 class MergeEngine:
@@ -101,7 +127,7 @@ class MergeEngine:
         vocab: vocabulary-size policy for donors ("error" or "common_rows", see `layout.align`).
         maps: donor name → expected alignment kind ("same" / "llm_to_vlm"); "auto" accepts any.
         math_dtype: dtype of the stored task vectors (the recipe's math dtype by default).
-        mask_cache_bytes: memory budget for cached deterministic sparsification masks.
+        mask_cache_bytes: memory budget for cached sparsification masks and their rankings.
         progress: show a progress bar while loading donors.
         components: the components a recipe may change (None: all). Pristine base copies and
             task vectors are kept only for their tensors, which is most of the engine's memory
@@ -261,8 +287,6 @@ class MergeEngine:
         math_dtype = _DTYPES[recipe.dtype]
         spec = methods.get_spec(recipe.method)
         params = methods.resolve_params(recipe.method, recipe.parameters)
-        cache_masks = spec.sparsification is not None and methods.mask_is_deterministic(
-            recipe.method)
         written = merged = 0
         # On a GPU the finite check of each tensor is a sum left on the device and read once at
         # the end (reading each one back would wait for the device per tensor); on the CPU it
@@ -296,7 +320,7 @@ class MergeEngine:
                         written += 1
                     continue
                 self._dirty.add(name)
-                self._merge_one(recipe, spec, params, info, donors, math_dtype, cache_masks)
+                self._merge_one(recipe, spec, params, info, donors, math_dtype)
                 written += 1
                 merged += 1
             self._run_queued()
@@ -310,34 +334,25 @@ class MergeEngine:
         seconds = time.perf_counter() - start
         t0 = time.perf_counter()
         digest = self.weights_digest()
-        return ApplyResult(weights_digest=digest, seconds=seconds,
-                           digest_seconds=time.perf_counter() - t0, written=written,
-                           merged=merged)
+        t1 = time.perf_counter()
+        prints = self.fingerprints()
+        return ApplyResult(weights_digest=digest, seconds=seconds, digest_seconds=t1 - t0,
+                           written=written, merged=merged, fingerprints=prints,
+                           fingerprint_seconds=time.perf_counter() - t1)
 
     def _merge_one(self, recipe: Recipe, spec: methods.MethodSpec, params: dict[str, Any],
-                   info: ParamInfo, donors: list[str], math_dtype: torch.dtype,
-                   cache_masks: bool) -> torch.Tensor:
+                   info: ParamInfo, donors: list[str], math_dtype: torch.dtype) -> None:
         name = info.name
         base = self._base[name]
         deltas = [self.task_vectors[d][name] for d in donors]
         donor_params = [recipe.resolve(info.component, d, info.depth) for d in donors]
-        generator = None
-        if spec.random:
-            generator = torch.Generator(device=base.device)
-            generator.manual_seed(_tensor_seed(recipe.seed, name))
         masks = None
-        if cache_masks:
-            masks = []
-            for d, delta, p in zip(donors, deltas, donor_params, strict=True):
-                resolved = methods.resolve_donor_params(recipe.method, p)
-                key = (name, d, spec.sparsification,
-                       *(resolved.get(k) for k in ("density", "gamma", "epsilon")))
-                mask = self.masks.get(key)
-                if mask is None:
-                    mask = methods.sparsify_mask(recipe.method, delta, resolved, params)
-                    if mask is not None:
-                        self.masks.put(key, mask)
-                masks.append(mask)
+        if spec.sparsification is not None:
+            try:
+                masks = [self._mask(recipe, spec, name, d, delta, p)
+                         for d, delta, p in zip(donors, deltas, donor_params, strict=True)]
+            except MergeError as err:
+                raise MergeError(f"merged tensor {name}: {err}") from None
         if spec.inputs == "deltas":
             inputs = deltas
         else:
@@ -351,7 +366,7 @@ class MergeEngine:
         queued = len(self._queue) if self._queue is not None else 0
         try:
             methods.merge_tensor(recipe.method, base, inputs, donor_params, params,
-                                 generator=generator, masks=masks, dtype=math_dtype,
+                                 masks=masks, dtype=math_dtype,
                                  out=self._params[name].data, memo=memo, check_finite=check_now,
                                  batch=self._queue)
         except MergeError as err:
@@ -362,6 +377,39 @@ class MergeEngine:
                 self._run_queued()
         elif not check_now:
             self._check_finite(name, self._params[name].data)
+
+    def _mask(self, recipe: Recipe, spec: methods.MethodSpec, name: str, donor: str,
+              delta: torch.Tensor, donor_params: Mapping[str, Any]) -> torch.Tensor | None:
+        """Donor's keep-mask of tensor `name`, from the cache when it holds it.
+
+        A mask is a function of the task vector, the donor's sparsification parameters and, for
+        DARE and DELLA, the counter stream keyed by (recipe seed, tensor, donor): cached under
+        all of them. The density-independent ranking (magnitude histogram, DELLA's ranks) is
+        cached per (tensor, donor), so a density not seen before costs one pass, not a top-k.
+        """
+        p = methods.resolve_donor_params(recipe.method, donor_params)
+        if float(p["density"]) >= 1:
+            return None
+        seed = recipe.seed if spec.random else None
+        key = ("mask", name, donor, spec.sparsification, float(p["density"]), p.get("gamma"),
+               p.get("epsilon"), seed)
+        mask = self.masks.get(key)
+        if mask is not None:
+            return mask
+        ranking = None
+        if spec.sparsification != sparsify.RANDOM:
+            kind = "ranks" if spec.sparsification == sparsify.RANK_MAGNITUDE_SAMPLING else "hist"
+            ranking_key = ("ranking", kind, name, donor)
+            ranking = self.masks.get(ranking_key)
+            if ranking is None:
+                ranking = methods.mask_ranking(recipe.method, delta)
+                if ranking is not None:
+                    self.masks.put(ranking_key, ranking)
+        stream = sparsify.CounterStream.of(recipe.seed, name, donor) if spec.random else None
+        mask = methods.sparsify_mask(recipe.method, delta, p, stream=stream, ranking=ranking)
+        if mask is not None:
+            self.masks.put(key, mask)
+        return mask
 
     def _run_queued(self) -> None:
         """Run the queued merges; MergeError naming the first with a NaN or an inf."""
@@ -420,6 +468,15 @@ class MergeEngine:
             h.update(f"{name}|{info.shape}|{info.dtype}|{pair[0]}|{pair[1]};".encode())
         return f"{DIGEST_SCHEME}:{h.hexdigest()}"
 
+    def fingerprints(self) -> dict[str, Fingerprint]:
+        """Per component, the float64 sum and L2 norm of the live weights, computed on the device.
+
+        Unlike the digest, these agree across devices and dtypes within
+        `fingerprint.TOLERANCE`: `reproduce` compares them where the digest differs.
+        """
+        return fingerprints((info.component, self._params[name].detach())
+                            for name, info in self.layout.params.items())
+
     def _check_recipe(self, recipe: Recipe) -> None:
         missing = [d for d in recipe.donor_names if d not in self.task_vectors]
         if missing:
@@ -454,11 +511,6 @@ def _words(t: torch.Tensor) -> torch.Tensor:
         return flat.view(torch.int64)
     kind = {4: torch.int32, 2: torch.int16, 8: torch.int64, 1: torch.int8}[flat.element_size()]
     return flat.view(kind).to(torch.int64)
-
-
-def _tensor_seed(seed: int, name: str) -> int:
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def _synchronize(device: str) -> None:

@@ -49,7 +49,7 @@ class MethodSpec:
     method_params: tuple[ParamDef, ...]
     min_donors: int
     max_donors: int | None
-    random: bool  # draws from a torch.Generator (DARE, DELLA)
+    random: bool  # draws from a sparsify.CounterStream (DARE, DELLA)
     uses_base: bool
     mergekit: str | None
     paper: str
@@ -73,7 +73,7 @@ def task_arithmetic(
     *,
     consensus: str | None = None,
     sparsification: str | None = None,
-    generator: torch.Generator | None = None,
+    stream: sp.CounterStream | None = None,
     masks: Sequence[torch.Tensor | None] | None = None,
     out: torch.Tensor | None = None,
     checks: dict[str, int] | None = None,
@@ -87,7 +87,8 @@ def task_arithmetic(
     Σ w_i δ_i, TIES; "count": majority of signs) only entries agreeing with the elected sign are
     summed, and `normalize` divides each entry by the sum of the weights that took part (a zero
     sum counts as 1). Without consensus `normalize` divides by Σ w_i (|Σ w_i| < 1e-8 counts as 1).
-    `masks[i]`, when given, replaces donor i's sparsification mask (True = keep). `int8_mask`
+    `masks[i]`, when given, replaces donor i's sparsification mask (True = keep); otherwise a
+    random sparsifier draws donor i's from `stream.child(i)` (a fresh stream if None). `int8_mask`
     is accepted for mergekit compatibility and changes nothing (a memory option there).
     """
     weights = [float(p["weight"]) for p in donor_params]
@@ -99,7 +100,9 @@ def task_arithmetic(
         return _weighted_sum(base, 1.0, deltas, [w * scale for w in weights], out=out,
                              checks=checks, batch=batch)
     kept = [
-        _KeptDelta.of(delta, p, params, sparsification, generator, masks[i] if masks else None)
+        _KeptDelta.of(delta, p, params, sparsification,
+                      stream.child(i) if stream is not None else None,
+                      masks[i] if masks else None)
         for i, (delta, p) in enumerate(zip(deltas, donor_params, strict=True))
     ]
     if out is None:
@@ -155,7 +158,7 @@ class _KeptDelta:
 
     @classmethod
     def of(cls, delta: torch.Tensor, p: DonorParams, params: Params, sparsification: str | None,
-           generator: torch.Generator | None, mask: torch.Tensor | None) -> _KeptDelta:
+           stream: sp.CounterStream | None, mask: torch.Tensor | None) -> _KeptDelta:
         flat = delta.reshape(-1)
         density = float(p.get("density", 1.0))
         if sparsification is None or density >= 1:
@@ -163,7 +166,7 @@ class _KeptDelta:
         if mask is None:
             mask = sp.sparsify_mask(sparsification, delta, density=density,
                                     gamma=float(p.get("gamma", 0.01)),
-                                    epsilon=float(p.get("epsilon", 0.15)), generator=generator)
+                                    epsilon=float(p.get("epsilon", 0.15)), stream=stream)
         if mask is None:
             return cls(flat, None, 1.0, None)
         mask = mask.reshape(-1)
@@ -697,8 +700,8 @@ def mask_is_deterministic(method: str) -> bool:
     """Whether `sparsify_mask(method, ...)` depends only on the delta and the parameters.
 
     True for methods without sparsification (the mask is None) and for magnitude-based ones
-    (ties, breadcrumbs, breadcrumbs_ties): the engine may cache those masks per (tensor, density,
-    gamma). False for DARE and DELLA, which draw a fresh mask from the generator every merge.
+    (ties, breadcrumbs, breadcrumbs_ties). False for DARE and DELLA, whose masks also depend on
+    the stream they draw from (the engine keys it by seed, tensor and donor, and caches them so).
     """
     spec = get_spec(method)
     return spec.sparsification is None or spec.sparsification in sp.DETERMINISTIC
@@ -709,12 +712,15 @@ def sparsify_mask(
     delta: torch.Tensor,
     donor_params: Mapping[str, Any],
     params: Mapping[str, Any] | None = None,
-    generator: torch.Generator | None = None,
+    stream: sp.CounterStream | None = None,
+    ranking: sp.MagnitudeHistogram | torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Donor's boolean keep-mask (True = keep) for `method`, or None where nothing is dropped.
 
     `donor_params` are that donor's parameters for this tensor (defaults filled here). `params`
     is accepted for symmetry with `merge_tensor`; no sparsifier reads method-level parameters.
+    `stream`: DARE's and DELLA's random numbers (a fresh stream if None). `ranking`: the
+    density-independent part kept by the caller (`mask_ranking`), computed here if None.
     """
     spec = get_spec(method)
     if spec.sparsification is None:
@@ -726,8 +732,16 @@ def sparsify_mask(
         density=float(p["density"]),
         gamma=float(p.get("gamma", 0.01)),
         epsilon=float(p.get("epsilon", 0.15)),
-        generator=generator,
+        stream=stream,
+        ranking=ranking,
     )
+
+
+def mask_ranking(method: str, delta: torch.Tensor) -> sp.MagnitudeHistogram | torch.Tensor | None:
+    """What `method`'s masks need of `delta` whatever the density (see `sparsify.ranking`):
+    compute it once per task vector and pass it to `sparsify_mask` for every density."""
+    spec = get_spec(method)
+    return sp.ranking(spec.sparsification, delta) if spec.sparsification else None
 
 
 def merge_tensor(
@@ -737,7 +751,7 @@ def merge_tensor(
     donor_params: Sequence[Mapping[str, float]],
     params: Mapping[str, Any],
     *,
-    generator: torch.Generator | None = None,
+    stream: sp.CounterStream | None = None,
     masks: Sequence[torch.Tensor | None] | None = None,
     dtype: torch.dtype = torch.float32,
     out: torch.Tensor | None = None,
@@ -754,7 +768,8 @@ def merge_tensor(
             donors' full weights.
         donor_params: per donor, its resolved parameters for this tensor (defaults filled here).
         params: method-level parameters (defaults filled here).
-        generator: the random source of DARE and DELLA (the global one if None).
+        stream: the random numbers of DARE and DELLA: donor i draws from `stream.child(i)`
+            (a fresh stream, from torch's global generator, if None).
         masks: optional precomputed keep-masks per donor (see `sparsify_mask`); None entries
             are computed here.
         dtype: the math dtype.
@@ -809,7 +824,7 @@ def merge_tensor(
         [d.to(dtype) for d in donors],
         resolved_donors,
         resolved,
-        generator=generator,
+        stream=stream,
         masks=masks,
         out=direct,
         memo=memo,

@@ -33,6 +33,8 @@ REASON, OBJECTIVES, DIRECTIONS = "vlmexp.reason", "vlmexp.objectives", "vlmexp.d
 BEST_TRIAL, BEST_RUN = "vlmexp.best_trial", "vlmexp.best_run"
 PARETO_TRIALS, PARETO_RUNS = "vlmexp.pareto_trials", "vlmexp.pareto_runs"
 EXPERIMENT_KIND = "vlmexp.kind"
+# trial-run tag prefix of each component's fingerprint (`merge.fingerprint`: "sum,norm,count")
+FINGERPRINT_PREFIX = "vlmexp.fingerprint."
 PARENT = "mlflow.parentRunId"
 # parent-run param prefix of each evaluation task's identity (version, protocol, prompt digest)
 TASK_PREFIX = "task."

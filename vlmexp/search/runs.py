@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from vlmexp.errors import TrackingError, one_line
+from vlmexp.merge.fingerprint import Fingerprint
 from vlmexp.merge.recipe import Recipe
 from vlmexp.search.mlflow_store import (
     BEST_RUN,
@@ -26,6 +27,7 @@ from vlmexp.search.mlflow_store import (
     DIGEST,
     DIRECTIONS,
     EXPERIMENT_KIND,
+    FINGERPRINT_PREFIX,
     OBJECTIVES,
     OWN_METRIC_PREFIXES,
     PARENT,
@@ -62,6 +64,8 @@ class RunInfo:
     state: str | None = None
     tracking_uri: str = DEFAULT_URI
     tasks: dict[str, str] = field(default_factory=dict)  # task -> identity, from the study run
+    # component -> fingerprint of the logged merge's weights (empty for runs logged without)
+    fingerprints: dict[str, Fingerprint] = field(default_factory=dict)
 
 
 def find_run(tracking_uri: str | None, *, run_id: str | None = None, best: bool = False,
@@ -111,7 +115,22 @@ def find_run(tracking_uri: str | None, *, run_id: str | None = None, best: bool 
         parent_run_id=tags.get(PARENT), trial=int(trial) if trial is not None else None,
         state=tags.get(STATE), tracking_uri=uri,
         tasks={k[len(TASK_PREFIX):]: v for k, v in study_params.items()
-               if k.startswith(TASK_PREFIX)})
+               if k.startswith(TASK_PREFIX)},
+        fingerprints=_fingerprints(tags, rid))
+
+
+def _fingerprints(tags: dict[str, str], run_id: str) -> dict[str, Fingerprint]:
+    """The `vlmexp.fingerprint.<component>` tags of a run; TrackingError naming a bad one."""
+    found = {}
+    for key, text in tags.items():
+        if not key.startswith(FINGERPRINT_PREFIX):
+            continue
+        try:
+            found[key[len(FINGERPRINT_PREFIX):]] = Fingerprint.from_text(text)
+        except ValueError:
+            raise TrackingError(f"run {run_id}: tag {key} is {text!r}, not 'sum,norm,count'"
+                                ) from None
+    return found
 
 
 def load_study_config(tracking_uri: str | None, run_id: str) -> dict[str, Any]:

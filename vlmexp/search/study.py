@@ -240,6 +240,7 @@ def run_trial(trial: optuna.Trial, space: SearchSpace, engine: MergeEngine,
         applied = engine.apply(recipe)
         record.seconds["merge"] = applied.seconds
         record.weights_digest = applied.weights_digest
+        record.fingerprints = applied.fingerprints
         trial.set_user_attr("weights_digest", applied.weights_digest)
         trial.set_user_attr("recipe_hash", recipe.content_hash())
         start = 0.0

@@ -3,8 +3,9 @@
 The record follows DESIGN.md's tracking contract. A child run holds the flattened recipe as
 params; each objective (`objective.<name>`), each task metric, `seconds.<phase>` and the
 intermediate values (`intermediate.<objective>`, step = items evaluated) as metrics; the trial
-number, state, recipe hash and weights digest as tags; `recipe.yaml` and `items.json` as
-artifacts. The parent holds the composed config (`config.yaml` and flattened params), the best
+number, state, recipe hash, weights digest and per-component weight fingerprints
+(`vlmexp.fingerprint.<component>`: float64 sum, norm and count) as tags; `recipe.yaml` and
+`items.json` as artifacts. The parent holds the composed config (`config.yaml` and flattened params), the best
 trial or Pareto front (`best.json` / `pareto_front.json` and a CSV twin) and PNG plots.
 `vlmexp.search.runs` reads runs back (`python -m vlmexp reproduce`).
 
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from vlmexp.errors import TrackingError, one_line
+from vlmexp.merge.fingerprint import Fingerprint
 from vlmexp.merge.recipe import Recipe
 from vlmexp.search.mlflow_store import (
     BASELINE,
@@ -47,6 +49,7 @@ from vlmexp.search.mlflow_store import (
     DIGEST,
     DIRECTIONS,
     EXPERIMENT_KIND,
+    FINGERPRINT_PREFIX,
     OBJECTIVES,
     OWN_METRIC_PREFIXES,
     PARENT,
@@ -95,6 +98,9 @@ class TrialRecord:
     reason: str | None = None         # why pruned / failed
     baseline: str | None = None       # "base", "vqa alone", "uniform average", ...
     params: dict[str, Any] = field(default_factory=dict)  # optuna's trial.params
+    # component -> fingerprint of the merged weights (`ApplyResult.fingerprints`), which
+    # `reproduce` compares where the exact digest differs (another device or dtype)
+    fingerprints: dict[str, Fingerprint] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -552,6 +558,8 @@ def _trial_entries(record: TrialRecord, state: str, parent_run_id: str, study_na
         tags[RECIPE_HASH] = record.recipe.content_hash()
     if record.weights_digest:
         tags[DIGEST] = record.weights_digest
+    for component, fingerprint in record.fingerprints.items():
+        tags[f"{FINGERPRINT_PREFIX}{component}"] = fingerprint.to_text()
     if record.baseline:
         tags[BASELINE] = record.baseline
     if record.reason:
