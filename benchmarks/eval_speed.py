@@ -237,10 +237,11 @@ def qwen2b_case(args: argparse.Namespace) -> None:
     for run in paths.values():  # warm-up
         run(items[:1])
     seconds, scores = round_robin(paths, items, args.repeats)
-    del model
-    memory = {name: peak_memory(name, args) for name in paths}
+    names = list(paths)
+    del model, paths  # each path's memory is measured in a process of its own
+    memory = {name: peak_memory(name, args) for name in names}
     per_forward = {"today": 1, "batched": min(args.batch_size, args.qwen_items)}
-    for name in paths:
+    for name in names:
         peak = memory[name]["peak_mib"]
         print(f"   {name:8s} {args.qwen_items / seconds[name]:7.2f} items/s   peak {peak:7.0f} MiB above "
               f"the loaded model, {peak / per_forward[name]:6.0f} MiB per item of a forward")
