@@ -22,12 +22,13 @@ it has alone), with logits at each row's last position only (`logits_to_keep=1`)
 prefix position × the whole vocabulary. Answers of one token are then scored; longer answers run
 from the prefix batch's KV cache, each row of the cache taken once per answer, up to `batch_size`
 answers per forward (right-padded: padding sits after every real token, so causal attention
-never sees it), with logits at the answers' positions only. The float32 log-softmax runs over
-blocks of rows, so neither step holds more than a batch's logits at the positions it reads.
-`score_continuations` is the same for one item. `score_continuations_naive` runs one full
-forward per choice; the tests hold the batched scores equal to it and to one item per forward
-(1e-5) on every architecture, and equal to one forward over the joint tokenization of prompt +
-answer. Every supported architecture batches: padding changes its scores by float32 rounding only.
+never sees it), with logits at the answers' positions (and that padding) only. The float32
+log-softmax runs over blocks of rows, so neither step holds more than a batch's logits at the
+positions it reads. `score_continuations` is the same for one item.
+`score_continuations_naive` runs one full forward per choice; the tests hold the batched scores
+equal to it and to one item per forward (1e-5) on every architecture, and equal to one forward
+over the joint tokenization of prompt + answer. Every supported architecture batches: padding
+changes its scores by float32 rounding only.
 
 Architecture quirks, all keyed on the model's `config.model_type`:
   * PaliGemma (prefix-LM): the processor appends "\\n" to the prompt; it is dropped so the answer
