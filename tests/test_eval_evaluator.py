@@ -423,3 +423,32 @@ def test_a_non_finite_choice_score_fails_naming_the_task_and_item(evaluator, tin
     with pytest.raises(EvalError, match=r"^task example_shapes_jsonl: item \d+ \(.*shapes\.jsonl, "
                                         r"row \d+\): the score of '.+' is not finite"):
         evaluator.evaluate(model, tasks=["example_shapes_jsonl"])
+
+
+def test_image_items_run_several_per_forward(tiny, tiny_processor):
+    """Image tasks run `batch_size` prompts per forward (every rotation of a CircularEval item is
+    a prompt); the scores are those of one prompt per forward."""
+    model, proc = tiny("llava"), tiny_processor("llava")
+    cfg = {"tasks": [str(EXAMPLES / "shapes_jsonl.yaml"), str(EXAMPLES / "mmbench_dev_circular.yaml")]}
+    batched, single = (Evaluator.from_config({**cfg, "batch_size": b}, proc) for b in (4, 1))
+    rows: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda _, __, kw: rows.append(kw["input_ids"].shape[0]) if "pixel_values" in kw else None,
+        with_kwargs=True)
+    try:
+        result = batched.evaluate(model)
+    finally:
+        hook.remove()
+    prompts = {t: sum(len(task.variants(task.items[i])) for i in batched.subset(t))
+               for t, task in batched.tasks.items()}
+    assert prompts["example_mmbench_dev_circular"] > 2 * len(batched.subset("example_mmbench_dev_circular"))
+    # as few forwards as 4 prompts each allow (lengths differ, so some rows are padded)
+    assert sum(rows) == sum(prompts.values()) and max(rows) == 4
+    assert len(rows) == sum(math.ceil(n / 4) for n in prompts.values())
+    alone = single.evaluate(model)
+    for task, items in result.items.items():
+        for got, want in zip(items, alone.items[task], strict=True):
+            assert got.index == want.index and got.correct == want.correct
+            assert got.scores == pytest.approx(want.scores, abs=1e-5)
+            for a, b in zip(got.rotations, want.rotations, strict=True):
+                assert a == pytest.approx(b, abs=1e-5)

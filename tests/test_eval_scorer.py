@@ -5,12 +5,15 @@ tokenizer kinds with and without their chat templates."""
 from __future__ import annotations
 
 import copy
+from functools import partial
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from vlmexp.errors import EvalError
+from vlmexp.eval import scorer
 from vlmexp.eval.prompt import ANSWER_DELIMITER, image_prompt, split_context
 from vlmexp.eval.scorer import (
     encode_choices,
@@ -19,8 +22,9 @@ from vlmexp.eval.scorer import (
     model_type,
     score_continuations,
     score_continuations_naive,
+    score_items,
 )
-from vlmexp.zoo.tiny import VLMS, build, build_for_tokenizer
+from vlmexp.zoo.tiny import LLMS, VLMS, build, build_for_tokenizer
 from vlmexp.zoo.tiny_processors import random_image
 from vlmexp.zoo.tokenizers import VLM_OF, build_tokenizer
 
@@ -106,8 +110,8 @@ def test_qwen_gets_mm_token_types(name, tiny, tiny_processor):
     naive = [s.logprob for s in score_continuations_naive(model, prefix, conts)]
     assert with_types == pytest.approx(naive, abs=1e-5)
     zeros = {**prefix, "mm_token_type_ids": torch.zeros_like(prefix["mm_token_type_ids"])}
-    for scorer in (score_continuations, score_continuations_naive):
-        other = [s.logprob for s in scorer(model, zeros, conts)]
+    for score in (score_continuations, score_continuations_naive):
+        other = [s.logprob for s in score(model, zeros, conts)]
         assert max(abs(a - b) for a, b in zip(other, with_types, strict=True)) > 1e-3
     if name == "qwen2_5_vl":  # it runs without them too (1-D positions), and scores otherwise
         bare = {k: v for k, v in prefix.items() if k != "mm_token_type_ids"}
@@ -116,18 +120,196 @@ def test_qwen_gets_mm_token_types(name, tiny, tiny_processor):
 
 
 def test_qwen_text_prefix_after_an_image_prefix(tiny, tiny_processor):
-    """Qwen-VL keeps the rope deltas of its last image prefix; a later prefix without an image
-    must not continue from them."""
+    """Qwen-VL keeps the rope deltas of its last image forward and adds them to later cached steps
+    that come without positions; the scorer gives every step its positions, so a text prefix
+    scored after an image forward is scored as on a fresh model."""
     model, proc = copy.deepcopy(tiny("qwen2_vl")), tiny_processor("qwen2_vl")
+    model.model.rope_deltas = None
     ids = proc.tokenizer.encode("What colour is the shape? Answer:", add_special_tokens=False)
     cont = proc.tokenizer.encode(" red green", add_special_tokens=False)
+    assert len(cont) > 1  # scored from the cache
     fresh = score_continuations(model, {"input_ids": torch.tensor([ids])}, [cont])[0].logprob
-    score_continuations(model, *_choice_inputs(proc, "qwen2_vl"))
+    score_continuations_naive(model, *_choice_inputs(proc, "qwen2_vl"))  # stores its deltas
     assert model.model.rope_deltas is not None and int(model.model.rope_deltas.abs().max()) > 0
     again = score_continuations(model, {"input_ids": torch.tensor([ids])}, [cont])[0].logprob
     assert again == pytest.approx(fresh, abs=1e-6)
     assert fresh == pytest.approx(
         score_continuations_naive(model, {"input_ids": torch.tensor([ids])}, [cont])[0].logprob, abs=1e-5)
+
+
+# ---- several items per forward -----------------------------------------------------------
+
+QUESTIONS = ["What colour is the shape?", "Shape?", "Is there a big round object in the middle of it?"]
+SIZES = [(32, 32), (32, 64), (64, 32), (48, 80), (32, 32), (64, 64)]
+
+
+def _image(seed: int, size: tuple[int, int]):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8))
+
+
+def _items(proc, mtype: str) -> list:
+    """Items whose prompts differ in length (left padding), whose images differ in size (Qwen's
+    grids, LLaVA-NeXT's crops) and whose 2-4 answers have 1 to 7 tokens."""
+    return [encode_choices(proc, _image(i, size), image_prompt(proc, QUESTIONS[i % 3]),
+                           CHOICES[: 2 + i % 3], model_type=mtype) for i, size in enumerate(SIZES)]
+
+
+def _logprobs(scores) -> list[float]:
+    return [s.logprob for s in scores]
+
+
+@pytest.mark.parametrize("name", VLMS)
+def test_batched_items_equal_one_by_one(name, tiny, tiny_processor):
+    model, proc = tiny(name), tiny_processor(name)
+    items = _items(proc, model_type(model))
+    assert len({prefix["input_ids"].shape[1] for prefix, _ in items}) > 2
+    batched = score_items(model, items, batch_size=4)
+    assert len(batched) == len(items)
+    for (prefix, conts), scores in zip(items, batched, strict=True):
+        assert [s.tokens for s in scores] == [len(c) for c in conts]
+        alone = _logprobs(score_continuations(model, prefix, conts))
+        assert _logprobs(scores) == pytest.approx(alone, abs=1e-5)
+        assert _logprobs(scores) == pytest.approx(_logprobs(score_continuations_naive(model, prefix, conts)),
+                                                  abs=1e-5)
+    # the items' scores differ, so that a batch that mixed up its rows would fail above
+    assert len({round(s[1].logprob, 5) for s in batched}) >= len(QUESTIONS)
+
+
+@pytest.mark.parametrize("name", LLMS)
+def test_batched_text_prefixes_equal_one_by_one(name, tiny):
+    model = tiny(name)
+    g = torch.Generator().manual_seed(0)
+    items = [({"input_ids": torch.randint(3, 290, (1, 5 + 7 * i), generator=g)},
+              [torch.randint(3, 290, (1 + (i + j) % 4,), generator=g).tolist() for j in range(3)])
+             for i in range(5)]
+    batched = score_items(model, items, batch_size=3)
+    for (prefix, conts), scores in zip(items, batched, strict=True):
+        assert _logprobs(scores) == pytest.approx(_logprobs(score_continuations(model, prefix, conts)), abs=1e-5)
+        assert _logprobs(scores) == pytest.approx(_logprobs(score_continuations_naive(model, prefix, conts)),
+                                                  abs=1e-5)
+
+
+def test_equal_lengths_batch_unpadded(tiny, tiny_processor):
+    """Prefixes of one length fill batches of their own, without padding (which changes scores
+    by float32 rounding); the rest are padded together."""
+    model, proc = tiny("llava"), tiny_processor("llava")
+    prompts = [image_prompt(proc, q) for q in ("Colour?", "Shape?", "Colour?", "Shape?", "Colour?")]
+    items = [encode_choices(proc, random_image(i), p, ["red", "blue"]) for i, p in enumerate(prompts)]
+    lengths = [prefix["input_ids"].shape[1] for prefix, _ in items]
+    assert lengths[0] == lengths[2] == lengths[4] != lengths[1] == lengths[3]
+    seen = []
+    hook = model.register_forward_pre_hook(lambda _, __, kw: seen.append(kw["attention_mask"].clone()),
+                                           with_kwargs=True)
+    try:
+        batched = score_items(model, items, batch_size=2)
+    finally:
+        hook.remove()
+    # whole batches of one length (shorter first), then the rest: colour, colour | shape, shape | colour
+    short, long = sorted(lengths[:2])
+    assert [tuple(m.shape) for m in seen] == [(2, short), (2, long), (1, lengths[0])]
+    assert all(bool(m.all()) for m in seen)
+    for (prefix, conts), scores in zip(items, batched, strict=True):
+        assert _logprobs(scores) == pytest.approx(_logprobs(score_continuations(model, prefix, conts)),
+                                                  abs=1e-6)
+
+
+@pytest.mark.parametrize("name", [*VLMS, *LLMS])
+def test_logits_only_where_read(name, tiny, tiny_processor):
+    """The prefix forward projects one position per item onto the vocabulary, not every prefix
+    position; the answers' forwards project only the positions whose next token is scored."""
+    model = tiny(name)
+    if name in VLMS:
+        proc = tiny_processor(name)
+        items = [encode_choices(proc, random_image(i), image_prompt(proc, QUESTIONS[i]), CHOICES,
+                                model_type=model_type(model)) for i in range(3)]
+    else:
+        items = [({"input_ids": torch.arange(10, 30 + 5 * i)[None]}, [[5], [6, 7, 8], [9, 10]]) for i in range(3)]
+    shortest = min(prefix["input_ids"].shape[1] for prefix, _ in items)
+    longer = [len(c) for _, conts in items for c in conts if len(c) > 1]
+    shapes = []
+    head = model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda _, args, __: shapes.append(tuple(args[0].shape[:-1])))
+    try:
+        score_items(model, items, batch_size=len(longer))
+    finally:
+        hook.remove()
+    assert max(longer) - 1 < shortest
+    assert shapes == [(3, 1), (len(longer), max(longer) - 1)]
+
+
+def _rope_positions(model, run) -> list:
+    """The position ids each forward's rotary embedding gets while `run()` runs, one per forward."""
+    decoder = model.get_decoder()
+    forwards: list[list] = []
+    def record(_, args, kwargs):
+        forwards[-1].append(args[1] if len(args) > 1 else kwargs["position_ids"])
+
+    hooks = [decoder.register_forward_pre_hook(lambda *_: forwards.append([])),
+             decoder.rotary_emb.register_forward_pre_hook(record, with_kwargs=True)]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [calls[0] for calls in forwards]
+
+
+@pytest.mark.parametrize("name", [*VLMS, *LLMS])
+def test_padded_rows_get_the_positions_of_one_forward(name, tiny, tiny_processor):
+    """Each left-padded row, and each answer after it, gets the rotary positions the model gives
+    the same tokens in one unpadded forward over prompt + answer (PaliGemma's count from 1,
+    Qwen-VL's are 3-D: a constant shift would go unseen by the scores, not here)."""
+    model = tiny(name)
+    if name in VLMS:
+        proc = tiny_processor(name)
+        items = [encode_choices(proc, random_image(i), image_prompt(proc, q), [CHOICES[2]],
+                                model_type=model_type(model)) for i, q in enumerate(QUESTIONS[1::-1])]
+    else:
+        items = [({"input_ids": torch.arange(10, 20 + 5 * i)[None]}, [[5, 6, 7]]) for i in range(2)]
+    lengths = [prefix["input_ids"].shape[1] for prefix, _ in items]
+    assert lengths[0] < lengths[1]  # ascending: the batch keeps this order
+    prefix_pos, answer_pos = _rope_positions(model, lambda: score_items(model, items))
+    for row, ((prefix, (cont,)), n) in enumerate(zip(items, lengths, strict=True)):
+        (alone,) = _rope_positions(model, partial(score_continuations_naive, model, prefix, [cont]))
+        assert torch.equal(prefix_pos[..., row, -n:], alone[..., 0, :n])
+        assert torch.equal(answer_pos[..., row, : len(cont) - 1], alone[..., 0, n:-1])
+
+
+def test_one_token_answers_need_no_cache(tiny, tiny_processor):
+    model, proc = tiny("llava"), tiny_processor("llava")
+    items = [encode_choices(proc, random_image(i), image_prompt(proc, q), ["red", "blue"])
+             for i, q in enumerate(QUESTIONS)]
+    calls = []
+    hook = model.register_forward_pre_hook(lambda _, __, kw: calls.append(kw["use_cache"]), with_kwargs=True)
+    try:
+        scores = score_items(model, items)
+    finally:
+        hook.remove()
+    assert calls == [False]  # one forward for three items, without a KV cache
+    for item, item_scores in zip(items, scores, strict=True):
+        assert _logprobs(item_scores) == pytest.approx(_logprobs(score_continuations_naive(model, *item)),
+                                                       abs=1e-5)
+
+
+def test_log_softmax_runs_in_blocks(monkeypatch):
+    logits = torch.randn(10, 50, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    targets = torch.randint(0, 50, (10, 2), generator=torch.Generator().manual_seed(1))
+    expected = torch.log_softmax(logits.float(), -1).gather(-1, targets)
+    rows = []
+    log_softmax = torch.log_softmax
+
+    def spy(x, dim):
+        rows.append((x.shape[0], x.dtype))
+        return log_softmax(x, dim)
+
+    monkeypatch.setattr(scorer, "_LOGSOFTMAX_ELEMENTS", 150)  # 3 rows of 50
+    monkeypatch.setattr(torch, "log_softmax", spy)
+    got = scorer._token_logprobs(logits, targets)
+    assert rows == [(3, torch.float32)] * 3 + [(1, torch.float32)]
+    assert torch.equal(got, expected)
 
 
 # ---- real tokenizer kinds: answers as continuations of the exact prompt ----------------------

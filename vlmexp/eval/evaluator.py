@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,12 @@ import torch
 
 from vlmexp.errors import EvalError
 from vlmexp.eval.prompt import image_prompt
-from vlmexp.eval.scorer import encode_choices, model_type, score_continuations
+from vlmexp.eval.scorer import ContinuationScore, encode_choices, model_type, score_items
 from vlmexp.eval.tasks import Item, Task, Variant, load_tasks
+
+# Batches of items per `score_items` call: enough that prompts of one length fill batches of
+# their own (unpadded), few enough that the progress bar moves.
+_WINDOW = 16
 
 
 @dataclass
@@ -153,7 +157,8 @@ class Evaluator:
         objectives: objective name -> {task name: weight}; the objective is the weighted mean of
             its tasks' primary metrics (acc, recall@1 or the lm-eval task's `metric`).
         processor: the model's processor (its tokenizer serves lm-eval).
-        batch_size: choices per forward (image tasks) and lm-eval's batch size.
+        batch_size: image tasks: items scored together, and prompts (then answers) per
+            forward; lm-eval's batch size.
         device: where inputs go; the model stays where it is.
 
     Example:
@@ -278,16 +283,29 @@ class Evaluator:
             self._encoded[key] = encoded
         return self._encoded[key]
 
+    def _scored(self, model: torch.nn.Module, task: Task, positions: list[int],
+                mtype: str) -> Iterator[tuple[int, list[Variant], list[list[ContinuationScore]]]]:
+        """Each position with its item's variants and their choices' scores; the prompts of
+        `_WINDOW` batches' worth of items go to one `score_items` call."""
+        size = _WINDOW * self.batch_size
+        for start in range(0, len(positions), size):
+            window = positions[start:start + size]
+            variants = [task.variants(task.items[pos]) for pos in window]
+            encoded = [self._encode(task, task.items[pos], vs, mtype)
+                       for pos, vs in zip(window, variants, strict=True)]
+            flat = score_items(model, [pair for pairs in encoded for pair in pairs],
+                               batch_size=self.batch_size)
+            for pos, vs in zip(window, variants, strict=True):
+                yield pos, vs, flat[:len(vs)]
+                flat = flat[len(vs):]
+
     def _image_task(self, model: torch.nn.Module, task: Task, positions: list[int],
                     progress: Any) -> tuple[dict[str, float], list[ItemScore]]:
         mtype = model_type(model)
         out: list[ItemScore] = []
         norm_correct = mean_correct = first_correct = 0
-        for pos in positions:
+        for pos, variants, scores in self._scored(model, task, positions, mtype):
             item = task.items[pos]
-            variants = task.variants(item)
-            scores = [score_continuations(model, prefix, continuations, batch_size=self.batch_size)
-                      for prefix, continuations in self._encode(task, item, variants, mtype)]
             bad = [v.answers[i] for v, vs in zip(variants, scores, strict=True)
                    for i, sc in enumerate(vs) if not math.isfinite(sc.logprob)]
             if bad:  # a NaN would make max() pick the first choice: a score, never a number

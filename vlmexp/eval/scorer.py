@@ -16,36 +16,57 @@ such merges rare. `encode_choices` checks that the processor's expanded prefix e
 text-only context's ids (it counts from the end, since the image expansion changes the length),
 so that the continuation ids really continue the prefix.
 
-`score_continuations` runs the prefix once with a KV cache, repeats the cache over the choices
-and runs all choices as one right-padded batch (padding sits after every real token, so causal
-attention never sees it). `score_continuations_naive` runs one full forward per choice; the tests
-hold the two equal to 1e-4 on every architecture, and equal to one forward over the joint
-tokenization of prompt + answer.
+`score_items` scores several items at once. Up to `batch_size` prefixes run as one left-padded
+batch (attention mask and position ids make each row see only its own tokens, at the positions
+it has alone), with logits at each row's last position only (`logits_to_keep=1`), not at every
+prefix position × the whole vocabulary. Answers of one token are then scored; longer answers run
+from the prefix batch's KV cache, each row of the cache taken once per answer, up to `batch_size`
+answers per forward (right-padded: padding sits after every real token, so causal attention
+never sees it), with logits at the answers' positions (and that padding) only. The float32
+log-softmax runs over blocks of rows, so neither step holds more than a batch's logits at the
+positions it reads. `score_continuations` is the same for one item.
+`score_continuations_naive` runs one full forward per choice; the tests hold the batched scores
+equal to it and to one item per forward (1e-5) on every architecture, and equal to one forward
+over the joint tokenization of prompt + answer. Every supported architecture batches: padding
+changes its scores by float32 rounding only.
 
 Architecture quirks, all keyed on the model's `config.model_type`:
   * PaliGemma (prefix-LM): the processor appends "\\n" to the prompt; it is dropped so the answer
     follows the prompt directly, as in `prompt + answer` training text. Prompt tokens carry
     token_type_ids 0 (bidirectional prefix), answer tokens 1 (causal suffix), as the processor's
-    `suffix=` does.
+    `suffix=` does. Its positions count from 1; left padding takes token type 0, and the
+    attention mask keeps padding out of the bidirectional prefix.
   * Gemma 3: image tokens carry token_type_ids 1 (bidirectional image block); answer tokens 0.
   * Qwen2-VL / Qwen2.5-VL: `mm_token_type_ids` (1 on image pads) is built from the input ids when
-    the processor does not return it; answer tokens get 0. With the cache, the model continues its
-    3-D rope positions from the deltas it stored during the prefix forward.
+    the processor does not return it; answer tokens get 0. Their 3-D rope positions come from the
+    model's own `get_rope_index` over the padded batch (it skips padding), and answers continue
+    at the largest prefix position + 1; the model's stored rope deltas are never read.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from vlmexp.errors import EvalError
 from vlmexp.eval.prompt import split_context
 
 _ANSWER_TOKEN_TYPE = {"paligemma": 1}  # token_type_ids of continuation tokens (default 0)
+_POSITION_OFFSET = {"paligemma": 1}  # the first token's position id (default 0)
+_MROPE = ("qwen2_vl", "qwen2_5_vl")  # 3-D rope positions from the model's own rope index
 _DROP_KEYS = ("labels",)
+_TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+_SPECIAL_ID_KEYS = ("image_token_id", "image_token_index", "video_token_id", "vision_start_token_id",
+                    "vision_end_token_id", "boi_token_index", "eoi_token_index")
+_LOGSOFTMAX_ELEMENTS = 1 << 22  # floats per block of the log-softmax (16 MiB in float32)
+
+# An item as `encode_choices` returns it: the prefix's model inputs and each answer's ids.
+EncodedItem = tuple[dict[str, torch.Tensor], Sequence[Sequence[int]]]
 
 
 @dataclass(frozen=True)
@@ -176,20 +197,184 @@ def _gather(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
 
-def _forget_rope_deltas(model: torch.nn.Module) -> None:
-    """Qwen-VL keeps the rope deltas of its last image prefix and applies them to later cached
-    steps; a prefix without an image does not replace them, so they are cleared first."""
-    inner = getattr(model, "model", None)
-    if getattr(inner, "rope_deltas", None) is not None:
-        inner.rope_deltas = None
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[row, targets[row, k]] for logits [rows, vocab], targets [rows, k].
+
+    The float32 log-softmax runs over blocks of rows, so its temporary stays near
+    `_LOGSOFTMAX_ELEMENTS` floats whatever the number of rows.
+    """
+    step = max(1, _LOGSOFTMAX_ELEMENTS // max(logits.shape[-1], 1))
+    parts = [torch.log_softmax(logits[i:i + step].float(), -1).gather(-1, targets[i:i + step])
+             for i in range(0, logits.shape[0], step)]
+    return torch.cat(parts) if parts else logits.new_zeros(targets.shape, dtype=torch.float32)
+
+
+def _pad_id(model: torch.nn.Module) -> int:
+    """A token id for left padding that no architecture reads as an image or vision marker."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    special = {getattr(c, k, None) for c in (config, text) for k in _SPECIAL_ID_KEYS}
+    candidates = [getattr(text, "pad_token_id", None), 0, 1, 2, 3]
+    return next(int(c) for c in candidates if isinstance(c, int) and c not in special)
+
+
+def _signature(prefix: dict[str, torch.Tensor]) -> tuple:
+    """Prefixes with equal signatures stack into one batch: the same inputs, and per-image
+    tensors (pixels, grids) whose shapes agree beyond their first dimension."""
+    return tuple(sorted((k, () if k in _TOKEN_KEYS else tuple(v.shape[1:]))
+                        for k, v in prefix.items()))
+
+
+def _batches(items: Sequence[EncodedItem], batch_size: int) -> list[list[int]]:
+    """The items' indices in forwards of up to `batch_size` prefixes that stack (`_signature`).
+
+    Prefixes of one length fill batches of their own, which need no padding: a padded row's
+    scores differ from its unpadded ones by float32 rounding (attention over a longer, masked
+    key range). The rest (each length's last, partial batch) are sorted by length and padded.
+    """
+    runs: dict[tuple, list[int]] = {}
+    for i, (prefix, continuations) in enumerate(items):
+        if continuations:
+            runs.setdefault((_signature(prefix), prefix["input_ids"].shape[1]), []).append(i)
+    batches: list[list[int]] = []
+    rest: dict[tuple, list[int]] = {}
+    for (signature, _), run in sorted(runs.items(), key=lambda kv: kv[0][1]):
+        full = len(run) - len(run) % batch_size
+        batches += [run[i:i + batch_size] for i in range(0, full, batch_size)]
+        rest.setdefault(signature, []).extend(run[full:])
+    for run in rest.values():
+        batches += [run[i:i + batch_size] for i in range(0, len(run), batch_size)]
+    return batches
+
+
+def _collate(prefixes: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """One left-padded batch of prefixes (each a batch of 1), with its attention mask.
+
+    Token tensors are padded on the left (ids with `pad_id`, the rest with 0), so that every
+    prefix ends at the last column; per-image tensors are concatenated along their first
+    dimension (a Qwen-VL prefix's flattened patches, too).
+    """
+    prefixes = [{"attention_mask": torch.ones_like(p["input_ids"]), **p} for p in prefixes]
+    width = max(p["input_ids"].shape[1] for p in prefixes)
+    batch: dict[str, torch.Tensor] = {}
+    for key in prefixes[0]:
+        if key in _TOKEN_KEYS:
+            fill = pad_id if key == "input_ids" else 0
+            batch[key] = torch.cat([F.pad(p[key], (width - p[key].shape[1], 0), value=fill)
+                                    for p in prefixes])
+        else:
+            batch[key] = torch.cat([p[key] for p in prefixes])
+    return batch
+
+
+def _positions(model: torch.nn.Module, batch: dict[str, torch.Tensor], mask: torch.Tensor,
+               mtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prefix's position ids (what each model uses for an unpadded prefix, on its real
+    tokens) and, per row, the position of the token after it.
+
+    Qwen-VL: its own 3-D rope index (`get_rope_index`, padding-aware); the next text token
+    continues at the largest prefix position + 1 on all three axes. Other models: 1-D positions
+    counted over real tokens, from `_POSITION_OFFSET` (PaliGemma counts from 1).
+    """
+    if mtype in _MROPE:
+        ids = batch["input_ids"]
+        types = batch.get("mm_token_type_ids", torch.zeros_like(ids))
+        positions, _ = model.model.get_rope_index(
+            ids, mm_token_type_ids=types, image_grid_thw=batch.get("image_grid_thw"),
+            attention_mask=mask)
+        following = positions.masked_fill(~mask.bool()[None], 0).amax(dim=(0, 2)) + 1
+        return positions, following
+    offset = _POSITION_OFFSET.get(mtype, 0)
+    counted = mask.long().cumsum(-1)
+    return (counted - 1).clamp(min=0) + offset, counted[:, -1] + offset
+
+
+def _select_rows(cache: Any, rows: torch.Tensor) -> Any:
+    """A cache holding `rows` of `cache` (rows may repeat); `cache` itself is left as it is."""
+    chosen = copy.copy(cache)
+    chosen.layers = [copy.copy(layer) for layer in cache.layers]
+    chosen.batch_select_indices(rows)
+    return chosen
+
+
+def _score_batch(model: torch.nn.Module, items: Sequence[EncodedItem], *, batch_size: int,
+                 mtype: str, pad_id: int) -> list[list[ContinuationScore]]:
+    """Score the choices of several items whose prefixes run as one left-padded batch."""
+    device = next(model.parameters()).device
+    batch = _collate([_to_model(model, prefix) for prefix, _ in items], pad_id)
+    mask = batch["attention_mask"]
+    positions, following = _positions(model, batch, mask, mtype)
+    longer = [(b, j) for b, (_, conts) in enumerate(items) for j, c in enumerate(conts) if len(c) > 1]
+    out = model(**batch, position_ids=positions, use_cache=bool(longer), logits_to_keep=1)
+    firsts = torch.zeros(len(items), max(len(conts) for _, conts in items), dtype=torch.long,
+                         device=device)
+    for b, (_, conts) in enumerate(items):
+        firsts[b, : len(conts)] = torch.as_tensor([c[0] for c in conts], device=device)
+    first = _token_logprobs(out.logits[:, -1], firsts)
+    totals = [[first[b, j] for j in range(len(conts))] for b, (_, conts) in enumerate(items)]
+    cache = (out.cache if "cache" in out else out.past_key_values) if longer else None
+    del out
+    for start in range(0, len(longer), batch_size):  # answers' further tokens, from the cache
+        chunk = longer[start:start + batch_size]
+        rows = torch.as_tensor([b for b, _ in chunk], device=device)
+        width = max(len(items[b][1][j]) for b, j in chunk) - 1
+        ids = torch.zeros(len(chunk), width + 1, dtype=torch.long, device=device)
+        for r, (b, j) in enumerate(chunk):
+            ids[r, : len(items[b][1][j])] = torch.as_tensor(items[b][1][j], device=device)
+        steps = following[rows, None] + torch.arange(width, device=device)
+        if mtype in _MROPE:
+            steps = steps[None].expand(3, -1, -1)
+        logits = model(input_ids=ids[:, :-1], position_ids=steps, cache=_select_rows(cache, rows),
+                       attention_mask=torch.cat([mask[rows], mask.new_ones(len(chunk), width)], 1),
+                       use_cache=True).logits
+        rest = _token_logprobs(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1, 1))
+        rest = rest.view(len(chunk), width)
+        for r, (b, j) in enumerate(chunk):
+            totals[b][j] = totals[b][j] + rest[r, : len(items[b][1][j]) - 1].sum()
+    return [[ContinuationScore(float(t), len(c)) for t, c in zip(ts, conts, strict=True)]
+            for ts, (_, conts) in zip(totals, items, strict=True)]
 
 
 @torch.no_grad()
+def score_items(
+    model: torch.nn.Module, items: Sequence[EncodedItem], *, batch_size: int = 16,
+) -> list[list[ContinuationScore]]:
+    """Score each item's continuations given its prefix: `items` are (prefix, continuations)
+    pairs as `encode_choices` returns them; the result holds one list of scores per item.
+
+    Up to `batch_size` prefixes run in one forward (left-padded; items whose image tensors
+    differ in shape go into different forwards), which computes logits at each prefix's last
+    position only and keeps a KV cache when an answer has more than one token; the answers'
+    further tokens then run from that cache, up to `batch_size` answers per forward.
+
+    Example:
+        >>> from vlmexp.zoo.tiny import build
+        >>> from vlmexp.zoo.tiny_processors import build_processor, random_image
+        >>> proc, model = build_processor("llava"), build("llava")
+        >>> items = [encode_choices(proc, random_image(i), "<image>\\nColour?\\nAnswer:", ["red", "blue"])
+        ...          for i in range(3)]
+        >>> [len(scores) for scores in score_items(model, items, batch_size=2)]
+        [2, 2, 2]
+    """
+    for _, continuations in items:
+        if any(len(c) == 0 for c in continuations):
+            raise ValueError("an empty continuation has no tokens to score")
+    mtype = model_type(model)
+    pad_id = _pad_id(model)
+    scores: list[list[ContinuationScore]] = [[] for _ in items]
+    for chosen in _batches(items, batch_size):
+        batch = _score_batch(model, [items[i] for i in chosen], batch_size=batch_size,
+                             mtype=mtype, pad_id=pad_id)
+        for i, item_scores in zip(chosen, batch, strict=True):
+            scores[i] = item_scores
+    return scores
+
+
 def score_continuations(
     model: torch.nn.Module, prefix: dict[str, torch.Tensor], continuations: Sequence[Sequence[int]],
     *, batch_size: int = 16,
 ) -> list[ContinuationScore]:
-    """Score each continuation given the prefix; the prefix runs once, with a KV cache.
+    """Score each continuation given one prefix (`score_items` for a single item).
 
     Example:
         >>> from vlmexp.zoo.tiny import build
@@ -199,41 +384,7 @@ def score_continuations(
         >>> [round(s.logprob, 1) < 0 for s in score_continuations(model, pre, [[5], [6, 7]])]
         [True, True]
     """
-    if any(len(c) == 0 for c in continuations):
-        raise ValueError("an empty continuation has no tokens to score")
-    device = next(model.parameters()).device
-    prefix = _to_model(model, prefix)
-    _forget_rope_deltas(model)
-    out = model(**prefix, use_cache=True)
-    first = torch.log_softmax(out.logits[0, -1].float(), -1)
-    cache = out.cache if "cache" in out else out.past_key_values
-    scores: list[ContinuationScore] = []
-    longest = max(len(c) for c in continuations)
-    if longest == 1:  # one-token answers: the prefix's last logits are all we need
-        return [ContinuationScore(float(first[c[0]]), 1) for c in continuations]
-    n_chunks = -(-len(continuations) // batch_size)
-    if n_chunks > 1:  # each chunk repeats its own copy of the prefix cache (in place)
-        import copy
-
-        caches = [cache] + [copy.deepcopy(cache) for _ in range(n_chunks - 1)]
-    else:
-        caches = [cache]
-    for chunk_no, start in enumerate(range(0, len(continuations), batch_size)):
-        chunk = continuations[start:start + batch_size]
-        width = max(len(c) for c in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long, device=device)
-        for row, c in enumerate(chunk):
-            ids[row, : len(c)] = torch.as_tensor(c, device=device)
-        chunk_cache = caches[chunk_no]
-        chunk_cache.batch_repeat_interleave(len(chunk))
-        if width > 1:
-            logits = model(input_ids=ids[:, :-1], cache=chunk_cache, use_cache=True).logits
-            rest = torch.log_softmax(logits.float(), -1)
-            rest_scores = _gather(rest, ids[:, 1:])
-        for row, c in enumerate(chunk):
-            total = first[c[0]] + (rest_scores[row, : len(c) - 1].sum() if len(c) > 1 else 0.0)
-            scores.append(ContinuationScore(float(total), len(c)))
-    return scores
+    return score_items(model, [(prefix, continuations)], batch_size=batch_size)[0]
 
 
 @torch.no_grad()
