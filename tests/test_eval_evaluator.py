@@ -452,3 +452,12 @@ def test_image_items_run_several_per_forward(tiny, tiny_processor):
             assert got.scores == pytest.approx(want.scores, abs=1e-5)
             for a, b in zip(got.rotations, want.rotations, strict=True):
                 assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_image_tasks_refuse_a_processor_that_cannot_see_images(tiny_processor):
+    cfg = {"tasks": ["shapes_jsonl.yaml"]}
+    with pytest.raises(EvalError, match=r"^example_shapes_jsonl: image tasks need the model's "
+                                        r"processor, but \w+ has no image processor"):
+        Evaluator.from_config(cfg, tiny_processor("llava").tokenizer, base_dir=EXAMPLES)
+    with pytest.raises(EvalError, match="batch_size must be at least 1, got 0"):
+        Evaluator.from_config({**cfg, "batch_size": 0}, tiny_processor("llava"), base_dir=EXAMPLES)

@@ -406,3 +406,15 @@ def test_a_resumed_study_keeps_its_directions(tmp_path):
     assert setup_study("s", directions=["minimize"], **kw).directions == study.directions
     with pytest.raises(ConfigError, match=r"study 's' was created with directions \['minimize'\]"):
         setup_study("s", directions=["maximize"], **kw)
+
+
+def test_a_study_in_another_math_dtype_reproduces_its_trials(tmp_path, models, monkeypatch):
+    """merge.dtype reaches the study's engine as it reaches `reproduce`'s: same digests."""
+    from vlmexp.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    cfg = config(tmp_path, models, "search.n_trials=3", "search.baselines=false",
+                 "merge.dtype=bfloat16", "search.pruning.enabled=false")
+    run_search(cfg, progress=False)
+    assert main(["reproduce", "--best", "--experiment", "tiny", "--tracking-uri",
+                 cfg.tracking.uri, "--out", str(tmp_path / "best")]) == 0

@@ -116,7 +116,7 @@ def build_evaluator(args: argparse.Namespace, processor: Any) -> Evaluator:
         cfg = eval_config(to_dict(composed.eval), device=getattr(args, "device", "cpu"),
                           test=getattr(args, "test", False))
         base = Path(".")
-    if args.batch_size:
+    if args.batch_size is not None:
         cfg = {**cfg, "batch_size": args.batch_size}
     cfg = {**cfg, "device": getattr(args, "device", "cpu")}
     return Evaluator.from_config(cfg, processor, base_dir=base)

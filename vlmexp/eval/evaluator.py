@@ -180,6 +180,14 @@ class Evaluator:
                 if not float(w) >= 0:
                     raise EvalError(f"objective {obj!r}: weight of {name!r} must be >= 0, got {w!r}")
         self.objectives = {o: {t: float(w) for t, w in ws.items()} for o, ws in objectives.items()}
+        image_tasks = [t.name for t in tasks if t.kind != "lm_eval"]
+        if image_tasks and not hasattr(processor, "image_processor"):
+            # a bare tokenizer ignores images: the model would be scored without seeing them
+            raise EvalError(f"{image_tasks[0]}: image tasks need the model's processor, but "
+                            f"{type(processor).__name__} has no image processor (are the "
+                            f"checkpoint's processor files missing or broken?)")
+        if int(batch_size) < 1:
+            raise EvalError(f"batch_size must be at least 1, got {batch_size}")
         self.processor = processor
         self.batch_size = batch_size
         self.device = device

@@ -57,6 +57,11 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64,
 DIGEST_SCHEME = "isum2"
 
 
+def math_dtype_of(name: str) -> torch.dtype:
+    """The torch dtype of a recipe's `dtype` (float32, float64, bfloat16, float16)."""
+    return _DTYPES[name]
+
+
 @dataclass
 class ApplyResult:
     """What one `apply` did: the weights digest and per-component fingerprints of the result,
@@ -196,7 +201,7 @@ class MergeEngine:
         opts = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
         base = open_model(recipe.base.path, revision=recipe.base.revision, device=_cpu_or(dev),
                           **opts)
-        engine = cls(base, device=dev, vocab=recipe.vocab, math_dtype=_DTYPES[recipe.dtype],
+        engine = cls(base, device=dev, vocab=recipe.vocab, math_dtype=math_dtype_of(recipe.dtype),
                      progress=progress, components={*recipe.components, *recipe.take})
         for ref in recipe.donors:
             donor = open_model(ref.path, revision=ref.revision, load_processor=False, **opts)

@@ -28,7 +28,7 @@ from vlmexp.config import eval_config
 from vlmexp.errors import ConfigError, EvalError, MergeError, VlmexpError
 from vlmexp.eval import EvalResult, Evaluator
 from vlmexp.layout import Layout, align, discover
-from vlmexp.merge.engine import MergeEngine
+from vlmexp.merge.engine import MergeEngine, math_dtype_of
 from vlmexp.merge.plan import parse_bytes, plan_memory
 from vlmexp.merge.recipe import ModelRef
 from vlmexp.search.pruning import Pruning
@@ -110,16 +110,19 @@ def preflight(base: ModelRef, donors: Sequence[ModelRef], *, vocab: str,
 
 
 def setup_engine(base: ModelRef, donors: Sequence[ModelRef], *, device: str, vocab: str,
-                 components: Collection[str] | None = None, trust_remote_code: bool = False,
-                 allow_pickle: bool = False) -> MergeEngine:
+                 dtype: str = "float32", components: Collection[str] | None = None,
+                 trust_remote_code: bool = False, allow_pickle: bool = False) -> MergeEngine:
     """The live base model with each donor's task vector (`merge.vocab`: the vocabulary policy;
+    `merge.dtype`: the math dtype, which the task vectors are stored in as a recipe's
+    `MergeEngine.from_recipe` stores them, so that `reproduce` rebuilds the same weights;
     `components`: what recipes may change, the only tensors the engine keeps copies of;
     `models.trust_remote_code`, `models.allow_pickle`: what `open_model` may run or unpickle)."""
     from vlmexp.checkpoint import open_model
 
     opts = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
     engine = MergeEngine(open_model(base.path, revision=base.revision, **opts), device=device,
-                         vocab=vocab, progress=True, components=components)
+                         vocab=vocab, progress=True, components=components,
+                         math_dtype=math_dtype_of(dtype))
     for d in donors:
         donor = open_model(d.path, revision=d.revision, load_processor=False, **opts)
         engine.add_donor(d.name, donor, map=d.map)
@@ -195,7 +198,7 @@ def setup(cfg: DictConfig) -> Setup:
     plan.check()
     print(plan.describe(), file=sys.stderr)
     engine = setup_engine(base, donors, device=device, vocab=node["merge"]["vocab"],
-                          components=space.changed_components(),
+                          dtype=node["merge"]["dtype"], components=space.changed_components(),
                           trust_remote_code=models["trust_remote_code"],
                           allow_pickle=models["allow_pickle"])
     evaluator = setup_evaluator(node["eval"], engine.processor, device=device)
