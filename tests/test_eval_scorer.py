@@ -446,3 +446,17 @@ def test_boundary_check_counts_from_the_end(tiny_processor):
 
     with pytest.raises(EvalError, match="would not continue the prompt"):
         encode_choices(AppendsEos(proc), random_image(), prompt, ["red"])
+
+
+@pytest.mark.parametrize("kind", ["gemma", "llama"])
+def test_a_prompt_gets_one_bos_whether_the_template_writes_it_or_not(kind, kind_processor):
+    """Gemma's chat template writes <bos> itself; LLaVA-1.5's does not, and the tokenizer adds it."""
+    from vlmexp.eval.prompt import image_prompt
+    from vlmexp.zoo.tiny_processors import random_image
+    from vlmexp.zoo.tokenizers import build_tokenizer
+
+    tokenizer = build_tokenizer(kind, chat_template=True)
+    processor = kind_processor(kind, tokenizer)
+    prompt = image_prompt(processor, "What colour is the shape?")
+    ids = encode_prefix(processor, random_image(), prompt)["input_ids"][0].tolist()
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1

@@ -94,7 +94,11 @@ def encode_prefix(processor: Any, image: Any, context: str, *, model_type: str =
         >>> enc["input_ids"].shape[0]
         1
     """
-    enc = processor(images=[image], text=[context], return_tensors="pt")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    bos = getattr(tokenizer, "bos_token", None)
+    # a chat template that writes the BOS itself (Gemma's) must not get a second one
+    extra = {"add_special_tokens": False} if bos and context.startswith(bos) else {}
+    enc = processor(images=[image], text=[context], return_tensors="pt", **extra)
     inputs = {k: v for k, v in enc.items() if k not in _DROP_KEYS and isinstance(v, torch.Tensor)}
     if model_type == "paligemma":
         newline = processor.tokenizer.encode("\n", add_special_tokens=False)

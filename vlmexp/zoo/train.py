@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from vlmexp.eval.prompt import image_prompt, split_context
-from vlmexp.eval.scorer import encode_continuation
+from vlmexp.eval.scorer import encode_continuation, encode_prefix
 
 IGNORE = -100
 
@@ -74,7 +74,7 @@ def encode_image_items(
     for image, question, answer in items:
         context, continuation = split_context(image_prompt(processor, question), answer)
         if context not in prompts:
-            prompts[context] = list(processor(text=context, images=image)["input_ids"][0])
+            prompts[context] = encode_prefix(processor, image, context)["input_ids"][0].tolist()
         prompt = prompts[context]
         target = encode_continuation(tok, context, continuation) + [tok.eos_token_id]
         rows.append((prompt + target, [IGNORE] * len(prompt) + target))
