@@ -200,10 +200,15 @@ def test_save_model_shards_by_size(tiny, tmp_path):
 def test_save_model_with_processor_round_trips(tiny, tmp_path, llava_processor):
     source = tmp_path / "source"
     source.mkdir()
-    (source / "README.md").write_text("card\n")
-    (source / "processor_config.json").write_text("{broken")  # the processor's own file wins
+    (source / "README.md").write_text("card\n")  # a source without processor files: it is saved
     out = save_model(tiny("llava"), tmp_path / "out", processor=llava_processor, source_dir=source)
     assert (out / "README.md").read_text() == "card\n"
+    # a source with processor files: they are the merge's, byte for byte, not the processor's
+    (source / "tokenizer_config.json").write_text('{"note": "the base\'s own"}')
+    again = save_model(tiny("llava"), tmp_path / "again", processor=llava_processor,
+                       source_dir=source)
+    assert (again / "tokenizer_config.json").read_text() == '{"note": "the base\'s own"}'
+    assert not (again / "processor_config.json").exists()
     processor = tf.AutoProcessor.from_pretrained(out)
     assert isinstance(processor, tf.LlavaProcessor)
     loaded = open_model(out)

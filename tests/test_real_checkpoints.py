@@ -17,7 +17,7 @@ import torch
 import transformers as tf
 import yaml
 
-from vlmexp.checkpoint import load_processor
+from vlmexp.checkpoint import load_processor, resolve_model
 from vlmexp.cli import main
 from vlmexp.zoo.standins import FAMILIES, lay_out_family
 
@@ -104,6 +104,15 @@ def test_every_command_prompts_and_scores_a_hub_checkpoint_alike(family, hub, tm
     # merge the logged recipe again: a bf16 checkpoint the Auto classes load, scored the same
     assert main(["merge", "rebuilt/recipe.yaml", "--out", "merged"]) == 0
     model = tf.AutoModelForImageTextToText.from_pretrained("merged")
+    snapshot = resolve_model(ids["base"]).folder  # the base's own files, byte for byte
+    kept = [f for f in snapshot.iterdir() if not f.name.endswith((".safetensors", ".json"))
+            or f.name.endswith(("_config.json", "tokenizer.json", "chat_template.json"))]
+    kept = [f for f in kept if f.name != "generation_config.json"]
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {f.name for f in kept}
+    for f in kept:
+        assert (Path("merged") / f.name).read_bytes() == f.read_bytes(), f.name
+    assert sorted(p.name for p in Path("merged").iterdir() if "chat_template" in p.name) == \
+        sorted(f.name for f in snapshot.iterdir() if "chat_template" in f.name)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert main(["evaluate", "merged", "eval=examples", "--out", "merged.json"]) == 0
     merged = json.loads(Path("merged.json").read_text())

@@ -371,10 +371,11 @@ def save_model(
 
     Everything goes into a temporary folder beside `out_dir` that is renamed into place once
     complete; a failure leaves nothing at `out_dir` (or the old folder untouched with `force`).
-    Processor files come from `processor.save_pretrained`; then every file of `source_dir` (a
-    folder, a hub id, or the `ResolvedModel` a model was opened from, so a hub snapshot's files
-    come from the very snapshot) not yet written is copied, except weights, indexes,
-    `config.json` and `generation_config.json`. Weights keep the model's dtype (its config's
+    Every file of `source_dir` (a folder, a hub id, or the `ResolvedModel` a model was opened
+    from, so a hub snapshot's files come from the very snapshot) is copied as it is, except
+    weights, indexes, `config.json` and `generation_config.json`: a merge keeps the base's
+    processor, tokenizer and chat template files byte for byte. `processor.save_pretrained`
+    writes them only where the source has none (or there is no source). Weights keep the model's dtype (its config's
     `dtype`); more than `max_shard_size` of them are written as shards with an index.
     `native_layout=True` writes in-memory key names; the default writes transformers' legacy names.
 
@@ -393,10 +394,11 @@ def save_model(
         model.save_pretrained(
             tmp, max_shard_size=max_shard_size, save_original_format=not native_layout,
         )
-        if processor is not None:
-            processor.save_pretrained(tmp)
-        if source is not None:  # fills in what the processor did not write (README, templates)
+        if source is not None:  # the base's own files, verbatim (processor, templates, card)
             _copy_non_weight_files(source.folder, tmp)
+        has_processor = any((tmp / f).exists() for f in _PROCESSOR_FILES)
+        if processor is not None and not has_processor:
+            processor.save_pretrained(tmp)
         _replace(tmp, out)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
