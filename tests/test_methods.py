@@ -698,17 +698,17 @@ def test_stored_bf16_and_fp16_merge_as_float32_cast(monkeypatch, method, donor_p
         or sign_merge(self, out, base, deltas, *a, **k)))
     out = torch.empty(n, dtype=dtype)
     assert merge_tensor(method, base, deltas, donor_params, params, out=out, check_finite=True,
-                        generator=torch.Generator().manual_seed(7)) is out
+                        stream=sp.CounterStream(7)) is out
     fused = not params.get("rescale_mode") == "paper"
     assert jobs == ([(dtype, dtype, delta_dtype)] if fused else [])
     wide = [base.float(), [d.float() for d in deltas]]
     float32 = merge_tensor(method, *wide, donor_params, params,
-                           generator=torch.Generator().manual_seed(7))
+                           stream=sp.CounterStream(7))
     assert float32.dtype == torch.float32 and len(jobs) == 2 * fused
     assert torch.equal(out, float32.to(dtype))
     monkeypatch.setattr(kernels, "available", lambda *a: False)
     torch_path = merge_tensor(method, *wide, donor_params, params,
-                              generator=torch.Generator().manual_seed(7)).to(dtype)
+                              stream=sp.CounterStream(7)).to(dtype)
     if method in ("ties", "dare_ties"):  # float32 results within an ulp or two of the kernel's
         differ = out != torch_path
         assert int(differ.sum()) <= n // 1000
