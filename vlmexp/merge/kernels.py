@@ -15,8 +15,9 @@ Every operand (the output, the base, the task vectors) is float32, bfloat16 or f
 stored: the kernels widen what they read to float32 (exact), compute in float32 in registers
 and round what they write to the output's dtype as torch rounds (to nearest, ties to even), so
 a bf16 or fp16 model is merged in place with no float32 copy of anything, to the bits of the
-torch path's float32 result cast to its dtype. The NaN and inf values counted are those
-written: a finite float32 result that overflows float16 (±65504) counts.
+same merge on float32 copies, cast to its dtype (float16 through F16C's conversions on x86).
+The NaN and inf values counted are those written: a finite float32 result that overflows
+float16 (±65504) counts.
 """
 
 from __future__ import annotations
