@@ -257,7 +257,7 @@ def test_fused_cpu_apply_equals_the_torch_path_bit_for_bit(monkeypatch, family, 
     fused = engine.apply(r)
     assert launches == [fused.merged]  # all merged tensors, in one launch
     fused_weights = {k: v.clone() for k, v in engine.state_dict_view().items()}
-    monkeypatch.setattr(kernels, "available", lambda tensors: False)
+    monkeypatch.setattr(kernels, "available", lambda *a: False)
     engine.reset()
     torch_path = engine.apply(r)
     assert torch_path.weights_digest == fused.weights_digest
@@ -332,7 +332,7 @@ def test_fused_ties_apply_is_one_launch_near_the_torch_path(monkeypatch, family,
     assert launches == expected
     fused_weights = {k: v.clone() for k, v in engine.state_dict_view().items()}
     monkeypatch.undo()
-    monkeypatch.setattr(kernels, "available", lambda tensors: False)
+    monkeypatch.setattr(kernels, "available", lambda *a: False)
     engine.reset()
     engine.apply(r)
     torch_weights = engine.state_dict_view()
@@ -362,10 +362,19 @@ def test_deferred_finite_check_of_a_gpu_names_the_tensor_and_resets(family):
     assert engine.weights_digest() == before
 
 
-@pytest.mark.parametrize("deferred", [False, True], ids=["cpu", "deferred"])
-def test_an_fp16_merge_that_overflows_fp16_names_the_tensor_and_resets(family, deferred):
+@pytest.mark.parametrize("path", ["cpu", "queued", "deferred"])
+def test_an_fp16_merge_that_overflows_fp16_names_the_tensor_and_resets(monkeypatch, family,
+                                                                       path):
     # the math runs in float32, where 60000 + 60000 is fine; float16 holds at most 65504, so the
-    # cast back to the model's dtype makes an inf that must not reach the checkpoint
+    # cast back to the model's dtype makes an inf that must not reach the checkpoint (queued:
+    # every tensor through the fused kernels, which write float16 themselves)
+    from vlmexp.merge import kernels
+
+    if path == "queued":
+        if kernels.numba is None:
+            pytest.skip("numba is not installed")
+        monkeypatch.setattr(kernels, "MIN_ELEMENTS", 1)
+    deferred = path == "deferred"
     base = copy.deepcopy(family["base"]).half()
     donors = {}
     for name in ("a", "b"):
@@ -394,6 +403,67 @@ def test_an_fp16_merge_that_overflows_fp16_names_the_tensor_and_resets(family, d
     engine.apply(Recipe.from_dict(half))  # 60000 fits: no error
     assert engine.model.model.multi_modal_projector.linear_2.bias[5].item() == 60000.0
     assert engine.model.model.multi_modal_projector.linear_2.bias.dtype == torch.float16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["task_arithmetic", "slerp", "ties"])
+@pytest.mark.parametrize("vectors", ["float32", "model"])
+def test_a_bf16_or_fp16_model_merges_in_its_dtype_in_one_launch(monkeypatch, family, dtype,
+                                                                 method, vectors):
+    # every tensor through the fused kernels, which read the model's dtype (and float32 task
+    # vectors, or task vectors stored in the model's dtype) and write it: one launch per
+    # apply, the torch path's bits (TIES: its float32 results differ by an ulp at most)
+    from vlmexp.merge import kernels
+
+    if kernels.numba is None:
+        pytest.skip("numba is not installed")
+    donors = {"vqa": family["vqa"]} if method == "slerp" else {"vqa": family["vqa"],
+                                                               "text": family["text"]}
+    engine = MergeEngine(copy.deepcopy(family["base"]).to(dtype),
+                         {k: copy.deepcopy(v).to(dtype) for k, v in donors.items()},
+                         progress=False)
+    if vectors == "model":
+        engine.task_vectors = {d: {k: v.to(dtype) for k, v in tvs.items()}
+                               for d, tvs in engine.task_vectors.items()}
+    weight = ({"t": 0.3} if method == "slerp" else
+              {"weight": 0.7, "density": 0.5} if method == "ties" else {"weight": 0.7})
+    components = {c: {"vqa": weight} for c in ("vision", "projector", "language")}
+    if method != "slerp":
+        components["language"]["text"] = {**weight, "weight": 0.4}
+    r = Recipe.from_dict({"method": method, "base": {"path": "b"},
+                          "donors": [{"name": d, "path": d} for d in donors],
+                          "components": components})
+    launches, storage = [], set()
+    run, weighted_sum, sign_merge = (kernels.Queue.run, kernels.Queue.weighted_sum,
+                                     kernels.Queue.sign_merge)
+    monkeypatch.setattr(kernels.Queue, "run", lambda self: launches.append(len(self)) or run(self))
+    monkeypatch.setattr(kernels.Queue, "weighted_sum", lambda self, out, base, c, deltas, *a: (
+        storage.add((out.dtype, base.dtype, deltas[0].dtype))
+        or weighted_sum(self, out, base, c, deltas, *a)))
+    monkeypatch.setattr(kernels.Queue, "sign_merge", lambda self, out, base, deltas, *a, **k: (
+        storage.add((out.dtype, base.dtype, deltas[0].dtype))
+        or sign_merge(self, out, base, deltas, *a, **k)))
+    monkeypatch.setattr(kernels, "MIN_ELEMENTS", 1)
+    fused = engine.apply(r)
+    assert launches == [fused.merged]
+    assert storage == {(dtype, dtype, torch.float32 if vectors == "float32" else dtype)}
+    fused_weights = {k: v.clone() for k, v in engine.state_dict_view().items()}
+    assert all(v.dtype == dtype for v in fused_weights.values())
+    monkeypatch.setattr(kernels, "available", lambda *a: False)
+    engine.reset()
+    torch_path = engine.apply(r)
+    if method != "ties":
+        assert torch_path.weights_digest == fused.weights_digest
+    changed = 0
+    for k, v in engine.state_dict_view().items():
+        if method == "ties":
+            ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10)
+            assert bool(((v.float() - fused_weights[k].float()).abs()
+                         <= ulp * v.float().abs()).all()), k
+        else:
+            assert torch.equal(v, fused_weights[k]), k
+        changed += not torch.equal(v, engine._base[k])
+    assert changed >= fused.merged // 2
 
 
 def test_recipe_naming_an_unloaded_donor_or_wrong_digest_is_refused(engine, family):

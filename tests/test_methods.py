@@ -449,7 +449,7 @@ def test_fused_kernel_equals_the_torch_path(monkeypatch, method, donor_params, p
     state = merge_tensor(method, base, deltas, donor_params, params, masks=masks, out=fused,
                          check_finite=True)
     assert state is fused
-    monkeypatch.setattr(kernels, "available", lambda tensors: False)
+    monkeypatch.setattr(kernels, "available", lambda *a: False)
     reference = merge_tensor(method, base, deltas, donor_params, params, masks=masks)
     assert (fused - reference).abs().max().item() <= 1e-6
     assert not torch.equal(fused, base)
@@ -489,8 +489,8 @@ def test_fused_weighted_sum_equals_float64_and_the_torch_path(monkeypatch, metho
     if kernels.numba is None:
         pytest.skip("numba is not installed")
     calls = []
-    fused_sum = kernels.weighted_sum
-    monkeypatch.setattr(kernels, "weighted_sum", lambda *a: calls.append(1) or fused_sum(*a))
+    run = kernels.Queue.run
+    monkeypatch.setattr(kernels.Queue, "run", lambda self: calls.append(1) or run(self))
     g = torch.Generator().manual_seed(n_donors)
     n = kernels.MIN_ELEMENTS * 2 + 7  # odd: the vector loop's remainder is covered too
     base = torch.randn(n, generator=g)
@@ -516,7 +516,7 @@ def test_fused_weighted_sum_equals_float64_and_the_torch_path(monkeypatch, metho
     bound = 2.0 ** -21 * sum(t.abs() for t in terms)
     assert bool(((fused.double() - expected).abs() <= bound).all())
     assert (fused.double() - expected).abs().max().item() <= 1e-5
-    monkeypatch.setattr(kernels, "available", lambda tensors: False)
+    monkeypatch.setattr(kernels, "available", lambda *a: False)
     calls.clear()
     reference = merge_tensor(method, base, deltas, donor_params, params)
     assert not calls
@@ -536,7 +536,7 @@ def test_fused_slerp_equals_float64_and_the_torch_path(monkeypatch, t):
     fused = merge_tensor("slerp", base, [delta], [{"t": t}], {}, check_finite=True)
     expected = ref_slerp(base.double(), base.double() + delta.double(), t)
     assert (fused.double() - expected).abs().max().item() <= 1e-5
-    monkeypatch.setattr(kernels, "available", lambda tensors: False)
+    monkeypatch.setattr(kernels, "available", lambda *a: False)
     assert torch.equal(fused, merge_tensor("slerp", base, [delta], [{"t": t}], {}))
 
 
@@ -655,6 +655,100 @@ def test_queued_sign_merges_equal_one_by_one_and_the_torch_path():
     assert len(queue) == 0 and queue.mask_bytes == 0
     for out, one in zip(outs, alone, strict=True):
         assert torch.equal(out.nan_to_num(), one.nan_to_num())
+
+
+_STORED_CASES = [  # weighted sums, sign merges (masks cached or drawn), the torch path
+    ("task_arithmetic", [{"weight": 0.7}, {"weight": -0.4}], {"lambda": 0.9}),
+    ("linear", [{"weight": 0.7}, {"weight": 0.4}], {}),
+    ("slerp", [{"t": 0.3}], {}),
+    ("ties", [{"weight": 1.0, "density": 0.4}, {"weight": 0.6, "density": 0.7}], {}),
+    ("dare_ties", [{"weight": 1.0, "density": 0.5}, {"weight": 0.5, "density": 0.5}], {}),
+    # DELLA's per-entry rescale has no fused kernel: its torch path must convert the inputs
+    ("della", [{"weight": 1.0, "density": 0.5}, {"weight": 0.8, "density": 0.6}],
+     {"rescale_mode": "paper"}),
+]
+
+
+@pytest.mark.parametrize(("method", "donor_params", "params"), _STORED_CASES)
+@pytest.mark.parametrize(("dtype", "delta_dtype"), [
+    (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float32), (torch.float16, torch.float16),
+])
+def test_stored_bf16_and_fp16_merge_as_float32_cast(monkeypatch, method, donor_params, params,
+                                                      dtype, delta_dtype):
+    """A bf16/fp16 model's tensors, with float32 task vectors or ones in the model's dtype:
+    the fused kernels get them as stored (no float32 copies) and write `out` in its dtype,
+    with the bits of the float32 merge (of the same values) cast; weighted sums and the
+    torch path also with the bits of the float32 torch path cast."""
+    from vlmexp.merge import kernels
+
+    if kernels.numba is None:
+        pytest.skip("numba is not installed")
+    g = torch.Generator().manual_seed(1)
+    n = kernels.MIN_ELEMENTS * 2 + 11
+    base = torch.randn(n, generator=g).to(dtype)
+    deltas = [(torch.randn(n, generator=g) * 0.05).to(delta_dtype) for _ in donor_params]
+    jobs = []  # the storage of each merge queued: (out, base, task vectors)
+    weighted_sum, sign_merge = kernels.Queue.weighted_sum, kernels.Queue.sign_merge
+    monkeypatch.setattr(kernels.Queue, "weighted_sum", lambda self, out, base, c, deltas, *a: (
+        jobs.append((out.dtype, base.dtype, deltas[0].dtype))
+        or weighted_sum(self, out, base, c, deltas, *a)))
+    monkeypatch.setattr(kernels.Queue, "sign_merge", lambda self, out, base, deltas, *a, **k: (
+        jobs.append((out.dtype, base.dtype, deltas[0].dtype))
+        or sign_merge(self, out, base, deltas, *a, **k)))
+    out = torch.empty(n, dtype=dtype)
+    assert merge_tensor(method, base, deltas, donor_params, params, out=out, check_finite=True,
+                        stream=sp.CounterStream(7)) is out
+    fused = not params.get("rescale_mode") == "paper"
+    assert jobs == ([(dtype, dtype, delta_dtype)] if fused else [])
+    wide = [base.float(), [d.float() for d in deltas]]
+    float32 = merge_tensor(method, *wide, donor_params, params,
+                           stream=sp.CounterStream(7))
+    assert float32.dtype == torch.float32 and len(jobs) == 2 * fused
+    assert torch.equal(out, float32.to(dtype))
+    monkeypatch.setattr(kernels, "available", lambda *a: False)
+    torch_path = merge_tensor(method, *wide, donor_params, params,
+                              stream=sp.CounterStream(7)).to(dtype)
+    if method in ("ties", "dare_ties"):  # float32 results within an ulp or two of the kernel's
+        differ = out != torch_path
+        assert int(differ.sum()) <= n // 1000
+        ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10)
+        assert bool(((out.float() - torch_path.float()).abs()
+                     <= ulp * torch_path.float().abs()).all())
+    else:
+        assert torch.equal(out, torch_path)
+    assert not torch.equal(out, base)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_a_stored_fp16_merge_that_overflows_fp16_says_so(monkeypatch, method):
+    # 60000 + 60000 is fine in the kernels' float32 math; written in float16 it is inf: the
+    # error says it overflows (with the float32 value), not that the math made a NaN
+    from vlmexp.merge import kernels
+
+    if kernels.numba is None:
+        pytest.skip("numba is not installed")
+    runs = []
+    run = kernels.Queue.run
+    monkeypatch.setattr(kernels.Queue, "run", lambda self: runs.append(len(self)) or run(self))
+    n = kernels.MIN_ELEMENTS
+    base = torch.zeros(n, dtype=torch.float16)
+    deltas = [torch.zeros(n), torch.zeros(n)]
+    deltas[0][9] = deltas[1][9] = 60000.0
+    out = torch.empty(n, dtype=torch.float16)
+    params = {"normalize": False}
+    with pytest.raises(MergeError, match=r"^1 merged values overflow float16 \(largest "
+                                         r"magnitude 120000, float16 holds ±65504\)$"):
+        merge_tensor(method, base, deltas, [{"weight": 1.0}] * 2, params, out=out,
+                     check_finite=True)
+    assert runs[0] == 1  # through the fused kernel
+    deltas[1][9] = -float("inf")  # an inf in the float32 math: not an overflow
+    with pytest.raises(MergeError, match=r"^1 merged values are NaN or inf$"):
+        merge_tensor(method, base, deltas, [{"weight": 1.0}] * 2, params, out=out,
+                     check_finite=True)
+    deltas[1][9] = 0.0
+    merge_tensor(method, base, deltas, [{"weight": 1.0}] * 2, params, out=out, check_finite=True)
+    assert out[9].item() == 60000.0
 
 
 def test_fused_kernels_may_be_called_from_several_threads():

@@ -421,8 +421,11 @@ class MergeEngine:
         queued, self._queued = self._queued, []
         if not queued:
             return
-        for name, count in zip(queued, self._queue.run(), strict=True):
+        for index, (name, count) in enumerate(zip(queued, self._queue.run(), strict=True)):
             if count:
+                source = self._queue.unrounded.get(index)
+                if source is not None:  # written in bf16/fp16: an overflow of it, or a NaN?
+                    self._check_finite(name, self._params[name].data, source=source)
                 raise MergeError(f"merged tensor {name}: {count} merged values are NaN or inf")
 
     def _check_finite(self, name: str, t: torch.Tensor,

@@ -10,6 +10,14 @@ eager torch each is a pass of its own, so the merge is compute-bound at a few pe
 memory bandwidth. One numba loop does the whole formula per entry, reading each input once and
 writing the result once (counting its NaN and inf values too). Same math, entry for entry, as `methods.task_arithmetic`'s chunked
 torch path (which serves GPUs, and CPUs when numba is missing); float64 accumulation.
+
+Every operand (the output, the base, the task vectors) is float32, bfloat16 or float16 as it is
+stored: the kernels widen what they read to float32 (exact), compute in float32 in registers
+and round what they write to the output's dtype as torch rounds (to nearest, ties to even), so
+a bf16 or fp16 model is merged in place with no float32 copy of anything, to the bits of the
+same merge on float32 copies, cast to its dtype (float16 through F16C's conversions on x86).
+The NaN and inf values counted are those written: a finite float32 result that overflows
+float16 (±65504) counts.
 """
 
 from __future__ import annotations
@@ -32,11 +40,17 @@ except ImportError:  # pragma: no cover - numba is a dependency; the torch path 
 MIN_ELEMENTS = 1 << 16  # below this the torch path is as fast and needs no compilation
 
 
-def available(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether the fused kernel can take these (contiguous float32 CPU tensors, numba present)."""
-    return numba is not None and all(
-        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-        for t in tensors) and tensors[0].numel() >= MIN_ELEMENTS
+def available(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> bool:
+    """Whether the fused kernels can merge `tensors` (out, base, then the task vectors) with
+    math in `dtype`: numba present, `dtype` float32 (the kernels' math), contiguous CPU tensors
+    of float32, bfloat16 or float16 (the task vectors all of one), out of MIN_ELEMENTS or more."""
+    return (numba is not None and dtype == torch.float32
+            and all(t.device.type == "cpu" and t.dtype in _STORAGE and t.is_contiguous()
+                    for t in tensors)
+            and len({t.dtype for t in tensors[2:]}) <= 1 and tensors[0].numel() >= MIN_ELEMENTS)
+
+
+_STORAGE = (torch.float32, torch.bfloat16, torch.float16)
 
 
 if numba is not None:
@@ -45,22 +59,78 @@ if numba is not None:
     _CHUNK = 1024  # lines a thread claims at a time (64 KiB of output)
     _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
-    def _weighted_sum_ir(context, builder, sig, args, width):  # pragma: no cover - compiled
-        """IR for entries j … j+width-1 of job k: out = c_0·base + Σ_i fma(δ_i, c_1+i, ·).
+    # An operand's storage reaches the compiler as the type of a marker value, so that each
+    # combination of storages compiles to its own loads and stores: float32 as itself, the bits
+    # of bfloat16 as uint16, those of float16 as int16.
+    _MARKERS = {torch.float32: np.float32(0), torch.bfloat16: np.uint16(0),
+                torch.float16: np.int16(0)}
+    _SIZES = {"f32": 4, "bf16": 2, "f16": 2}
+
+    def _kind(marker) -> str:
+        """'f32', 'bf16' or 'f16': the storage a marker's numba type stands for."""
+        return {types.float32: "f32", types.uint16: "bf16", types.int16: "f16"}[marker]
+
+    def _vec(item, width):
+        return item if width == 1 else ir.VectorType(item, width)
+
+    def _splat(ty, value):
+        return ir.Constant(ty, [value] * ty.count if isinstance(ty, ir.VectorType) else value)
+
+    def _stored_type(kind, width):
+        return _vec(ir.FloatType() if kind == "f32" else ir.IntType(16), width)
+
+    def _widen_ir(builder, x, kind, width):  # pragma: no cover - compiled
+        """Stored values (float32, or the bits of bfloat16 / float16) as float32, exactly."""
+        f32 = _vec(ir.FloatType(), width)
+        if kind == "f32":
+            return x
+        if kind == "bf16":  # bfloat16 is the top half of a float32
+            i32 = _vec(ir.IntType(32), width)
+            return builder.bitcast(builder.shl(builder.zext(x, i32), _splat(i32, 16)), f32)
+        return builder.fpext(builder.bitcast(x, _vec(ir.HalfType(), width)), f32)
+
+    def _narrow_ir(builder, v, kind, width):  # pragma: no cover - compiled
+        """float32 values rounded to the stored dtype as torch rounds them: to nearest, ties to
+        even; an overflow gives inf. bfloat16: a NaN gives 0xFFFF, as torch's CPU cast."""
+        if kind == "f32":
+            return v
+        i16 = _vec(ir.IntType(16), width)
+        if kind == "f16":  # (vcvtps2ph with F16C, as torch's cast)
+            return builder.bitcast(builder.fptrunc(v, _vec(ir.HalfType(), width)), i16)
+        i32 = _vec(ir.IntType(32), width)
+        bits = builder.bitcast(v, i32)
+        odd = builder.and_(builder.lshr(bits, _splat(i32, 16)), _splat(i32, 1))
+        rounded = builder.lshr(builder.add(builder.add(bits, _splat(i32, 0x7FFF)), odd),
+                               _splat(i32, 16))
+        return builder.select(builder.fcmp_unordered("uno", v, v), _splat(i16, -1),
+                              builder.trunc(rounded, i16))
+
+    def _non_finite_ir(builder, s, kind):  # pragma: no cover - compiled
+        """Whether stored values are NaN or inf (i1, or a vector of them)."""
+        if kind == "f32":  # v - v is 0 for a finite v and NaN otherwise
+            return builder.fcmp_unordered("!=", builder.fsub(s, s), ir.Constant(s.type, None))
+        exponent = _splat(s.type, 0x7F80 if kind == "bf16" else 0x7C00)  # all ones: inf, NaN
+        return builder.icmp_unsigned("==", builder.and_(s, exponent), exponent)
+
+    def _weighted_sum_ir(context, builder, sig, args, line):  # pragma: no cover - compiled
+        """IR for job k's entries j … j+width-1 (a whole 64-byte line of out when `line`,
+        else entry j alone): out = c_0·base + Σ_i fma(δ_i, c_1+i, ·).
 
         addrs[k] = (out, base, δ_1 … δ_n) as addresses, coefs[k] = (base_coef, c_1 … c_n) in
         float32: the same float32 operations, in the same order, as torch.mul and one add_
-        per donor, so the same bits. Returns how many results are NaN or inf (v - v is 0 for
-        a finite v and NaN otherwise). A whole line (width 16) is stored with a non-temporal
-        hint: written without first reading the old cache line (write-allocate), so 16 bytes
-        of traffic per entry, not 20; its address must be 64-byte aligned.
+        per donor, so the same bits; the storage markers say how each operand is stored (read
+        widened to float32, written rounded). Returns how many written values are NaN or inf.
+        A whole line is stored with a non-temporal hint: written without first reading the old
+        cache line (write-allocate), so no read of out; its address must be 64-byte aligned.
         """
-        addrs_t, coefs_t, _, _, token_t = sig.args
-        addrs_v, coefs_v, k, j, _ = args
+        addrs_t, coefs_t, _, _, token_t, storage_t = sig.args
+        addrs_v, coefs_v, k, j, _, _ = args
+        out_kind, base_kind, delta_kind = (_kind(t) for t in storage_t.types)
+        width = 64 // _SIZES[out_kind] if line else 1
         i64 = ir.IntType(64)
         addrs_a = context.make_array(addrs_t)(context, builder, value=addrs_v)
         coefs_a = context.make_array(coefs_t)(context, builder, value=coefs_v)
-        ty = ir.FloatType() if width == 1 else ir.VectorType(ir.FloatType(), width)
+        ty = _vec(ir.FloatType(), width)
 
         def coef(col):
             c = builder.load(cgutils.get_item_pointer(context, builder, coefs_t, coefs_a,
@@ -73,20 +143,25 @@ if numba is not None:
                                           ir.Constant(ir.VectorType(ir.IntType(32), width),
                                                       [0] * width))
 
-        def at(col):
+        def at(col, kind):
             addr = builder.load(cgutils.get_item_pointer(context, builder, addrs_t, addrs_a,
                                                          [k, ir.Constant(i64, col)]))
-            return builder.inttoptr(builder.add(addr, builder.mul(j, ir.Constant(i64, 4))),
-                                    ty.as_pointer())
+            addr = builder.add(addr, builder.mul(j, ir.Constant(i64, _SIZES[kind])))
+            return builder.inttoptr(addr, _stored_type(kind, width).as_pointer())
+
+        def read(col, kind):
+            x = builder.load(at(col, kind), align=_SIZES[kind])
+            return _widen_ir(builder, x, kind, width)
 
         fma = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(ty, [ty] * 3),
             "llvm.fma.f32" if width == 1 else f"llvm.fma.v{width}f32")
-        v = builder.fmul(builder.load(at(1), align=4), coef(0))
+        v = builder.fmul(read(1, base_kind), coef(0))
         for i in range(len(token_t)):
-            v = builder.call(fma, [builder.load(at(2 + i), align=4), coef(1 + i), v])
-        store = builder.store(v, at(0), align=64 if width > 1 else 4)
-        bad = builder.fcmp_unordered("!=", builder.fsub(v, v), ir.Constant(ty, None))
+            v = builder.call(fma, [read(2 + i, delta_kind), coef(1 + i), v])
+        s = _narrow_ir(builder, v, out_kind, width)
+        store = builder.store(s, at(0, out_kind), align=64 if line else _SIZES[out_kind])
+        bad = _non_finite_ir(builder, s, out_kind)
         if width == 1:
             return builder.zext(bad, i64)
         store.set_metadata("nontemporal", builder.module.add_metadata(
@@ -94,17 +169,56 @@ if numba is not None:
         return builder.zext(builder.ctpop(builder.bitcast(bad, ir.IntType(width))), i64)
 
     @intrinsic
-    def _line_at(typingctx, addrs, coefs, k, j, token):  # pragma: no cover - compiled
-        """Entries j … j+15 of job k (j a line start); how many are NaN or inf."""
-        return types.int64(addrs, coefs, k, j, token), (
+    def _line_at(typingctx, addrs, coefs, k, j, token, storage):  # pragma: no cover - compiled
+        """Entries j … j+width-1 of job k (j a line start of out); how many are NaN or inf."""
+        return types.int64(addrs, coefs, k, j, token, storage), (
             lambda context, builder, sig, args: _weighted_sum_ir(context, builder, sig, args,
-                                                                 _LINE))
+                                                                 True))
 
     @intrinsic
-    def _entry_at(typingctx, addrs, coefs, k, j, token):  # pragma: no cover - compiled
+    def _entry_at(typingctx, addrs, coefs, k, j, token, storage):  # pragma: no cover - compiled
         """Entry j of job k (before its first whole line or after its last); 1 if NaN/inf."""
-        return types.int64(addrs, coefs, k, j, token), (
-            lambda context, builder, sig, args: _weighted_sum_ir(context, builder, sig, args, 1))
+        return types.int64(addrs, coefs, k, j, token, storage), (
+            lambda context, builder, sig, args: _weighted_sum_ir(context, builder, sig, args,
+                                                                 False))
+
+    @intrinsic
+    def _line_entries(typingctx, storage):  # pragma: no cover - compiled
+        """Entries of out in a 64-byte line: 16 of float32, 32 of a 16-bit dtype."""
+        entries = 64 // _SIZES[_kind(storage.types[0])]
+        return types.int64(storage), (
+            lambda context, builder, sig, args: ir.Constant(ir.IntType(64), entries))
+
+    @intrinsic
+    def _at(typingctx, addr, start, marker):  # pragma: no cover - compiled
+        """A typed pointer to entry `start` of the array at `addr`, stored as `marker` says:
+        p[j] reads or writes entry start + j (its address affine in j, which the loop
+        vectoriser needs; a pointer made inside the loop would hide it)."""
+        size = _SIZES[_kind(marker)]
+
+        def codegen(context, builder, sig, args):
+            addr = builder.add(args[0], builder.mul(args[1], ir.Constant(ir.IntType(64), size)))
+            return builder.inttoptr(addr, context.get_value_type(sig.return_type))
+
+        return types.CPointer(marker)(addr, start, marker), codegen
+
+    @intrinsic
+    def _widen(typingctx, x):  # pragma: no cover - compiled
+        """A stored value as float32 (exact)."""
+        return types.float32(x), (
+            lambda context, builder, sig, args: _widen_ir(builder, args[0], _kind(x), 1))
+
+    @intrinsic
+    def _narrow(typingctx, v, marker):  # pragma: no cover - compiled
+        """float32 `v` rounded to `marker`'s storage, as torch rounds."""
+        return marker(types.float32, marker), (
+            lambda context, builder, sig, args: _narrow_ir(builder, args[0], _kind(marker), 1))
+
+    @intrinsic
+    def _non_finite(typingctx, s):  # pragma: no cover - compiled
+        """1 if the stored value `s` is NaN or inf, else 0."""
+        return types.int64(s), (lambda context, builder, sig, args: builder.zext(
+            _non_finite_ir(builder, args[0], _kind(s)), ir.IntType(64)))
 
     @intrinsic
     def _claim(typingctx, counter):  # pragma: no cover - compiled
@@ -149,14 +263,16 @@ if numba is not None:
         return out
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _weighted_sums(addrs, coefs, sizes, heads, token, workers):  # pragma: no cover
+    def _weighted_sums(addrs, coefs, sizes, heads, token, storage,
+                       workers):  # pragma: no cover - compiled
         # Job k: sizes[k] entries; entries before heads[k] (where out is 64-byte aligned) and
         # after its last whole line are done one by one, its lines in chunks of _CHUNK lines.
         # The threads claim chunks of all the jobs from one counter, so that a thread that
         # starts late, or loses its core to another process, delays the rest by one chunk at
         # most. Returns, per job, how many written values are NaN or inf.
         jobs = sizes.size
-        lines = (sizes - heads) // _LINE
+        line = _line_entries(storage)
+        lines = (sizes - heads) // line
         first = _chunk_table(lines, _CHUNK)
         chunk_bad = np.zeros(first[jobs], np.int64)
         counter = np.zeros(1, np.int64)
@@ -166,47 +282,42 @@ if numba is not None:
                 k = np.searchsorted(first, c, side="right") - 1
                 lo = (c - first[k]) * _CHUNK
                 bad = 0
-                for line in range(lo, min(lo + _CHUNK, lines[k])):
-                    bad += _line_at(addrs, coefs, k, heads[k] + line * _LINE, token)
+                for i in range(lo, min(lo + _CHUNK, lines[k])):
+                    bad += _line_at(addrs, coefs, k, heads[k] + i * line, token, storage)
                 chunk_bad[c] = bad
                 c = _claim(counter)
             _fence()
         bad = _per_job(first, chunk_bad)
         for k in range(jobs):
             for j in range(heads[k]):
-                bad[k] += _entry_at(addrs, coefs, k, j, token)
-            for j in range(heads[k] + lines[k] * _LINE, sizes[k]):
-                bad[k] += _entry_at(addrs, coefs, k, j, token)
+                bad[k] += _entry_at(addrs, coefs, k, j, token, storage)
+            for j in range(heads[k] + lines[k] * line, sizes[k]):
+                bad[k] += _entry_at(addrs, coefs, k, j, token, storage)
         return bad
 
-    def _pointer_intrinsic(item):
-        @intrinsic
-        def pointer(typingctx, addr):  # pragma: no cover - compiled
-            def codegen(context, builder, sig, args):
-                return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+    @intrinsic
+    def _u8p(typingctx, addr):  # pragma: no cover - compiled
+        """A mask's bytes from its address: p[j] reads entry j."""
+        def codegen(context, builder, sig, args):
+            return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
 
-            return types.CPointer(item)(types.int64), codegen
-
-        return pointer
-
-    # a typed pointer from an integer address: p[j] reads entry j, p[j] = v writes it (its
-    # address an affine function of j, which the loop vectoriser needs)
-    _f32p = _pointer_intrinsic(types.float32)
-    _u8p = _pointer_intrinsic(types.uint8)
+        return types.CPointer(types.uint8)(types.int64), codegen
 
     _BLOCK = 256  # entries a sign merge works on at a time (its inputs stay in the L1 cache)
 
     @numba.njit(cache=True, nogil=True)
-    def _sign_chunk(addrs, masks, coefs, weights, lams, flags, k, lo, hi,
-                    token):  # pragma: no cover - compiled
+    def _sign_chunk(addrs, masks, coefs, weights, lams, flags, k, lo, hi, token,
+                    storage):  # pragma: no cover - compiled
         # Entries lo … hi-1 of job k; how many results are NaN or inf. flags[k] = 2·mode +
         # normalize, mode 0: no consensus (a weighted sum, normalised by Σ w_i); 1: elect the
         # sign of Σ c_i δ_i m_i (c_i = w_i·s_i); 2: elect by counting signs. +1 is elected at
         # 0; entries agreeing with it are summed and, when normalize, divided by their weights
-        # (0 counts as 1). float32 arithmetic, as the torch path. Block by block, one donor
-        # at a time: each inner loop reads one stream with its address and coefficient in
-        # registers, so that it vectorises.
+        # (0 counts as 1). float32 arithmetic, as the torch path, on values widened from their
+        # storage (storage: out's, base's, the deltas' markers), the result rounded to out's.
+        # Block by block, one donor at a time: each inner loop reads one stream with its
+        # address and coefficient in registers, so that it vectorises.
         n = len(token)
+        out_marker, base_marker, delta_marker = storage
         zero, one = np.float32(0), np.float32(1)
         mode = flags[k] // 2
         normalize = flags[k] % 2 == 1
@@ -226,50 +337,52 @@ if numba is not None:
             for j in range(m):
                 total[j] = zero
             for i in range(n):  # total = Σ c_i δ_i m_i, or Σ sign(c_i δ_i m_i)
-                p, mp, c = _f32p(addrs[k, 2 + i] + 4 * start), masks[k, i], np.float32(coefs[k, i])
+                p, mp = _at(addrs[k, 2 + i], start, delta_marker), masks[k, i]
+                c = np.float32(coefs[k, i])
                 mk = _u8p(mp + start)
                 # (loads not behind a condition: a conditional load does not vectorise)
                 if mode == 2:
                     if mp != 0:
                         for j in range(m):
-                            v = p[j] * c
+                            v = _widen(p[j]) * c
                             v = v if mk[j] != 0 else zero
                             total[j] += np.float32(v > zero) - np.float32(v < zero)
                     else:
                         for j in range(m):
-                            v = p[j] * c
+                            v = _widen(p[j]) * c
                             total[j] += np.float32(v > zero) - np.float32(v < zero)
                 elif mp != 0:
                     for j in range(m):
-                        v = p[j] * c
+                        v = _widen(p[j]) * c
                         total[j] += v if mk[j] != 0 else zero
                 else:
                     for j in range(m):
-                        total[j] += p[j] * c
-            b, o = _f32p(base + 4 * start), _f32p(out + 4 * start)
+                        total[j] += _widen(p[j]) * c
+            b, o = _at(base, start, base_marker), _at(out, start, out_marker)
             if mode == 0:
                 for j in range(m):
-                    r = b[j] + lam * total[j]
-                    o[j] = r
-                    bad += (r - r) != zero
+                    s = _narrow(_widen(b[j]) + lam * total[j], out_marker)
+                    o[j] = s
+                    bad += _non_finite(s)
                 continue
             for j in range(m):
                 mixed[j] = zero
                 divisor[j] = zero
             for i in range(n):  # the entries agreeing with the elected sign, and their weights
-                p, mp, c = _f32p(addrs[k, 2 + i] + 4 * start), masks[k, i], np.float32(coefs[k, i])
+                p, mp = _at(addrs[k, 2 + i], start, delta_marker), masks[k, i]
+                c = np.float32(coefs[k, i])
                 w = np.float32(weights[k, i])
                 mk = _u8p(mp + start)
                 if mp != 0:
                     for j in range(m):
-                        v = p[j] * c
+                        v = _widen(p[j]) * c
                         v = v if mk[j] != 0 else zero
                         agree = v > zero if total[j] >= zero else v < zero
                         mixed[j] += v if agree else zero
                         divisor[j] += w if agree else zero
                 else:
                     for j in range(m):
-                        v = p[j] * c
+                        v = _widen(p[j]) * c
                         agree = v > zero if total[j] >= zero else v < zero
                         mixed[j] += v if agree else zero
                         divisor[j] += w if agree else zero
@@ -277,13 +390,13 @@ if numba is not None:
                 x = mixed[j]
                 if normalize:
                     x = x / (divisor[j] if divisor[j] != zero else one)
-                r = b[j] + lam * x
-                o[j] = r
-                bad += (r - r) != zero
+                s = _narrow(_widen(b[j]) + lam * x, out_marker)
+                o[j] = s
+                bad += _non_finite(s)
         return bad
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _sign_merges(addrs, masks, coefs, weights, lams, flags, sizes, token,
+    def _sign_merges(addrs, masks, coefs, weights, lams, flags, sizes, token, storage,
                      workers):  # pragma: no cover - compiled
         # Job k: out = addrs[k, 0], base = addrs[k, 1], δ_i = addrs[k, 2 + i], mask_i =
         # masks[k, i] (0: none), all of sizes[k] entries. The threads claim chunks of
@@ -300,7 +413,7 @@ if numba is not None:
                 k = np.searchsorted(first, c, side="right") - 1
                 lo = (c - first[k]) * step
                 chunk_bad[c] = _sign_chunk(addrs, masks, coefs, weights, lams, flags, k, lo,
-                                           min(lo + step, sizes[k]), token)
+                                           min(lo + step, sizes[k]), token, storage)
                 c = _claim(counter)
         return _per_job(first, chunk_bad)
 
@@ -325,20 +438,27 @@ def _use_torch_threads() -> None:
 
 
 class Queue:
-    """Fused CPU merges, queued, then run in one parallel launch per kind and donor count.
+    """Fused CPU merges, queued, then run in one parallel launch per kind, donor count and
+    storage (the dtypes of out, base and the task vectors).
 
     An engine apply queues every merge the kernels take and runs them all at once: one launch
     per apply instead of one per tensor (a launch can cost a scheduler tick when another
     process holds a core, or 0.2-0.6 ms of thread wake-ups with sleeping threads, against
-    0.3 ms of work for a 768x768 tensor). Tensors: contiguous float32 on the CPU (see
-    `available`), kept referenced until `run`; `out` must not overlap the inputs unless it is
-    one of them.
+    0.3 ms of work for a 768x768 tensor). Tensors: contiguous CPU tensors of float32,
+    bfloat16 or float16 (see `available`), kept referenced until `run`; `out` must not overlap
+    the inputs unless it is one of them. The math is float32 whatever the storage; out gets
+    the float32 result rounded to its dtype as `Tensor.to` rounds it.
 
     - `weighted_sum` (task arithmetic, linear, slerp): out = base_coef·base + Σ_i coefs_i·δ_i
       with the bits of `torch.mul(base, base_coef)` (skipped when it is 1) followed by one
-      `add_(δ_i, alpha=coefs_i)` per donor on the CPU: float32 coefficients, one fused
-      multiply-add per donor, in donor order.
+      `add_(δ_i, alpha=coefs_i)` per donor on the CPU, in float32 (inputs widened exactly),
+      then cast to out's dtype: float32 coefficients, one fused multiply-add per donor, in
+      donor order.
     - `sign_merge` (TIES and the other sparsified or sign-consensus merges): see there.
+
+    After `run`, `unrounded` maps the index of each merge written in bfloat16 or float16 with
+    NaN or inf values to its float32 result before rounding (computed again, on this error
+    path only), which tells an overflow of the narrow dtype from a NaN or inf of the math.
     """
 
     def __init__(self) -> None:
@@ -348,6 +468,7 @@ class Queue:
         # bytes of masks held for queued sign merges (a caller may run the queue early to
         # bound them: masks drawn per apply, as DARE's, live only as long as their job)
         self.mask_bytes = 0
+        self.unrounded: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self._sums) + len(self._signs)
@@ -380,23 +501,25 @@ class Queue:
         return len(self) - 1
 
     def run(self) -> list[int]:
-        """Compute every queued merge; per merge, how many of its values are NaN or inf."""
+        """Compute every queued merge; per merge, how many of its written values are NaN or
+        inf (see `unrounded` for those written narrower than float32)."""
         counts = [0] * len(self)
-        for n, jobs in _by_donor_count(self._sums, 4).items():
+        for (n, *storage), jobs in _by_kernel(self._sums, 4).items():
             addrs = np.array([[o.data_ptr(), b.data_ptr(), *(d.data_ptr() for d in ds)]
                               for _, o, b, _, ds, _ in jobs], dtype=np.int64)
             coefs = np.array([[bc, *cs] for *_, bc, _, cs in jobs], dtype=np.float32)
             sizes = np.array([job[1].numel() for job in jobs], dtype=np.int64)
-            # entries before a 64-byte boundary of out (float32 data is 4-byte aligned)
-            heads = np.minimum(-addrs[:, 0] % 64 // 4, sizes)
+            # entries before a 64-byte boundary of out (its data is aligned to its item size)
+            heads = np.minimum(-addrs[:, 0] % 64 // storage[0].itemsize, sizes)
             with _LAUNCH:
                 _use_torch_threads()
-                # the token's length is the donor count: one compiled specialisation per count
-                bad = _weighted_sums(addrs, coefs, sizes, heads, (0,) * n,
+                # the token's length is the donor count, the markers' types the storage: one
+                # compiled specialisation per count and storage
+                bad = _weighted_sums(addrs, coefs, sizes, heads, (0,) * n, _markers(storage),
                                      numba.get_num_threads())
             for job, b in zip(jobs, bad.tolist(), strict=True):
                 counts[job[0]] = b
-        for n, jobs in _by_donor_count(self._signs, 3).items():
+        for (n, *storage), jobs in _by_kernel(self._signs, 3).items():
             addrs = np.array([[o.data_ptr(), b.data_ptr(), *(d.data_ptr() for d in ds)]
                               for _, o, b, ds, *_ in jobs], dtype=np.int64)
             masks = np.array([[m.data_ptr() if m is not None else 0 for m in job[4]]
@@ -409,20 +532,46 @@ class Queue:
             with _LAUNCH:
                 _use_torch_threads()
                 bad = _sign_merges(addrs, masks, coefs, weights, lams, flags, sizes, (0,) * n,
-                                   numba.get_num_threads())
+                                   _markers(storage), numba.get_num_threads())
             for job, b in zip(jobs, bad.tolist(), strict=True):
                 counts[job[0]] = b
+        self.unrounded = self._unrounded(counts)
         self._sums.clear()
         self._signs.clear()
         self.mask_bytes = 0
         return counts
 
+    def _unrounded(self, counts: list[int]) -> dict[int, torch.Tensor]:
+        """The float32 results of the merges written narrower with NaN or inf values (not of
+        those written over one of their inputs, which are gone), from one more launch."""
+        again, where = Queue(), {}
+        for queued, at in ((self._sums, 4), (self._signs, 3)):
+            for job in queued:
+                index, out, base, *rest = job
+                inputs = {base.data_ptr(), *(d.data_ptr() for d in job[at])}
+                if counts[index] and out.dtype != torch.float32 and out.data_ptr() not in inputs:
+                    where[index] = torch.empty(out.shape, dtype=torch.float32)
+                    (again._sums if at == 4 else again._signs).append(
+                        (len(again), where[index], base, *rest))
+        if where:
+            again.run()
+        return where
 
-def _by_donor_count(jobs: list[tuple], at: int) -> dict[int, list[tuple]]:
-    """Jobs grouped by their donor count (len(job[at])): one compiled kernel per count."""
-    groups: dict[int, list[tuple]] = {}
+
+def _markers(storage: Sequence[torch.dtype]) -> tuple:
+    """The kernels' storage markers for these dtypes (see _MARKERS)."""
+    return tuple(_MARKERS[dtype] for dtype in storage)
+
+
+def _by_kernel(jobs: list[tuple], at: int) -> dict[tuple, list[tuple]]:
+    """Jobs grouped by what their kernel is compiled for: the donor count (len(job[at])) and
+    the dtypes of out (job[1]), base (job[2]) and the task vectors."""
+    groups: dict[tuple, list[tuple]] = {}
     for job in jobs:
-        groups.setdefault(len(job[at]), []).append(job)
+        deltas = job[at]
+        key = (len(deltas), job[1].dtype, job[2].dtype,
+               deltas[0].dtype if deltas else torch.float32)
+        groups.setdefault(key, []).append(job)
     return groups
 
 

@@ -8,14 +8,17 @@ tensors (within float32 rounding); the docstrings say where vlmexp deliberately 
 
 Input kinds: "deltas" methods receive task vectors (donor − base), "weights" methods full donor
 weights. The base is always passed. Functions never modify their inputs; they compute in the
-dtype they are given (`merge_tensor` converts) and return a fresh tensor.
+dtype they are given (`merge_tensor` converts) and return a fresh tensor. The methods with fused
+CPU kernels (`MethodSpec.fused`) take the math dtype as `dtype` and may get their inputs, and
+`out`, stored narrower (bfloat16, float16): the kernels read and write those as they are, with
+float32 math inside; any other path converts them first.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -56,6 +59,9 @@ class MethodSpec:
     fn: Callable[..., torch.Tensor]
     consensus: str | None = None  # task-arithmetic family: "sum" | "count" sign election
     sparsification: str | None = None  # task-arithmetic family: a name from sparsify.SPARSIFIERS
+    # one fused pass on the CPU (vlmexp/merge/kernels.py), which reads and writes bfloat16 and
+    # float16 as stored: the function takes `dtype` (the math dtype) and inputs stored narrower
+    fused: bool = False
 
 
 DonorParams = Mapping[str, Any]
@@ -76,8 +82,9 @@ def task_arithmetic(
     stream: sp.CounterStream | None = None,
     masks: Sequence[torch.Tensor | None] | None = None,
     out: torch.Tensor | None = None,
-    checks: dict[str, int] | None = None,
+    checks: dict[str, Any] | None = None,
     batch: kernels.Queue | None = None,
+    dtype: torch.dtype | None = None,
     **_: Any,
 ) -> torch.Tensor:
     """base + lambda · Σ w_i · sparsify(δ_i) [· sign-consensus mask] [/ normalizer].
@@ -90,7 +97,9 @@ def task_arithmetic(
     `masks[i]`, when given, replaces donor i's sparsification mask (True = keep); otherwise a
     random sparsifier draws donor i's from `stream.child(i)` (a fresh stream if None). `int8_mask`
     is accepted for mergekit compatibility and changes nothing (a memory option there).
+    `dtype`: the math dtype (None: base's); see the module docstring for narrower inputs.
     """
+    dtype = dtype or base.dtype
     weights = [float(p["weight"]) for p in donor_params]
     lam = float(params["lambda"])
     if sparsification is None and consensus is None:
@@ -98,28 +107,30 @@ def task_arithmetic(
         divisor = sum(weights) if params["normalize"] else 1.0
         scale = lam / (divisor if abs(divisor) >= 1e-8 else 1.0)
         return _weighted_sum(base, 1.0, deltas, [w * scale for w in weights], out=out,
-                             checks=checks, batch=batch)
+                             checks=checks, batch=batch, dtype=dtype)
     kept = [
         _KeptDelta.of(delta, p, params, sparsification,
                       stream.child(i) if stream is not None else None,
-                      masks[i] if masks else None)
+                      masks[i] if masks else None, dtype)
         for i, (delta, p) in enumerate(zip(deltas, donor_params, strict=True))
     ]
     if out is None:
-        out = torch.empty_like(base)
-    if kernels.available([out, base, *deltas]) and all(k.per_entry is None for k in kept):
+        out = torch.empty_like(base, dtype=dtype)
+    if kernels.available([out, base, *deltas], dtype) and all(k.per_entry is None for k in kept):
         # one fused pass instead of a dozen elementwise ones (see vlmexp/merge/kernels.py),
         # now or queued in `batch`; it counts the NaN and inf values it writes
-        fused = ([k.delta for k in kept], [k.mask for k in kept], [k.scale for k in kept],
-                 weights)
-        options = {"lam": lam, "normalize": bool(params["normalize"]), "consensus": consensus}
-        if batch is not None:
-            batch.sign_merge(out, base, *fused, **options)
-        else:
-            bad = kernels.merge(out, base, *fused, **options)
-            if checks is not None:
-                checks["non_finite"] = bad
+        queue = batch if batch is not None else kernels.Queue()
+        queue.sign_merge(out, base, [k.delta for k in kept], [k.mask for k in kept],
+                         [k.scale for k in kept], weights, lam=lam,
+                         normalize=bool(params["normalize"]), consensus=consensus)
+        if batch is None:
+            _run_now(queue, checks)
         return out
+    # the torch path, in the math dtype (a result for a narrower `out` is cast by merge_tensor)
+    base = base.to(dtype)
+    kept = [replace(k, delta=k.delta.to(dtype)) for k in kept]
+    if out.dtype != dtype:
+        out = torch.empty_like(base)
     flat_out, flat_base = out.view(-1), base.reshape(-1)
     # Elementwise from here on: on the CPU, work in cache-sized chunks, so that the few
     # temporaries stay in cache and no tensor-sized buffer is allocated (and page-faulted) per
@@ -158,17 +169,22 @@ class _KeptDelta:
 
     @classmethod
     def of(cls, delta: torch.Tensor, p: DonorParams, params: Params, sparsification: str | None,
-           stream: sp.CounterStream | None, mask: torch.Tensor | None) -> _KeptDelta:
-        flat = delta.reshape(-1)
+           stream: sp.CounterStream | None, mask: torch.Tensor | None,
+           dtype: torch.dtype | None = None) -> _KeptDelta:
+        """`delta` as stored; its mask and rescale are computed from its values in `dtype`
+        (the math dtype; None: its own), so that a narrower stored delta changes neither."""
+        stored = delta.reshape(-1)
         density = float(p.get("density", 1.0))
         if sparsification is None or density >= 1:
-            return cls(flat, None, 1.0, None)
+            return cls(stored, None, 1.0, None)
+        delta = delta.to(dtype or delta.dtype)
+        flat = delta.reshape(-1)
         if mask is None:
             mask = sp.sparsify_mask(sparsification, delta, density=density,
                                     gamma=float(p.get("gamma", 0.01)),
                                     epsilon=float(p.get("epsilon", 0.15)), stream=stream)
         if mask is None:
-            return cls(flat, None, 1.0, None)
+            return cls(stored, None, 1.0, None)
         mask = mask.reshape(-1)
         scale, per_entry = 1.0, None
         if params["rescale"]:
@@ -187,7 +203,7 @@ class _KeptDelta:
             else:
                 raise MergeError(f"unknown rescale_mode {mode!r}; known: "
                                  f"{', '.join(sp.RESCALE_MODES)}")
-        return cls(flat, mask, scale, per_entry)
+        return cls(stored, mask, scale, per_entry)
 
     def chunk(self, lo: int, hi: int) -> torch.Tensor:
         """A fresh tensor: this donor's kept, rescaled delta on [lo, hi)."""
@@ -233,8 +249,9 @@ def linear(
     donor_params: Sequence[DonorParams],
     params: Params,
     out: torch.Tensor | None = None,
-    checks: dict[str, int] | None = None,
+    checks: dict[str, Any] | None = None,
     batch: kernels.Queue | None = None,
+    dtype: torch.dtype | None = None,
     **_: Any,
 ) -> torch.Tensor:
     """Weighted average of the base (weight `base_weight`) and the donors (weights w_i).
@@ -244,39 +261,45 @@ def linear(
     sum equals S·base + Σ w_i δ_i. In mergekit terms the base is one more listed model whose
     weight is `base_weight` (0 by default: mergekit then averages only the listed donors).
     A normalized average whose weights sum to 0 is an error (mergekit divides by zero).
+    `dtype`: the math dtype (None: base's); see the module docstring for narrower inputs.
     """
     weights = [float(p["weight"]) for p in donor_params]
     total = float(params["base_weight"]) + sum(weights)
     if not params["normalize"]:
         return _weighted_sum(base, total, deltas, weights, out=out, checks=checks,
-                             batch=batch)
+                             batch=batch, dtype=dtype)
     if total == 0:
         raise MergeError("linear: the weights (base_weight included) sum to 0")
     return _weighted_sum(base, 1.0, deltas, [w / total for w in weights], out=out,
-                         checks=checks, batch=batch)
+                         checks=checks, batch=batch, dtype=dtype)
 
 
 def _weighted_sum(
     base: torch.Tensor, base_coef: float, deltas: Sequence[torch.Tensor], coefs: Sequence[float],
-    out: torch.Tensor | None = None, checks: dict[str, int] | None = None,
-    batch: kernels.Queue | None = None,
+    out: torch.Tensor | None = None, checks: dict[str, Any] | None = None,
+    batch: kernels.Queue | None = None, dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """base_coef·base + Σ coefs_i·δ_i into `out` (or a fresh tensor).
+    """base_coef·base + Σ coefs_i·δ_i in the math dtype `dtype` (None: base's), into `out` (or
+    a fresh tensor of `dtype`).
 
-    On the CPU (float32, numba) one fused pass that also counts the NaN and inf values written,
-    recorded in `checks["non_finite"]`, or only queued in `batch` (out is written, and counted,
-    by batch.run()); elsewhere one torch pass per term. Same bits either way.
+    On the CPU (float32 math, numba) one fused pass that reads the inputs and writes `out` as
+    stored (float32, bfloat16, float16) and counts the NaN and inf values written (see
+    `_run_now`), or only queued in `batch` (out is written, and counted, by batch.run());
+    elsewhere one torch pass per term, in `dtype` (a result for a narrower `out` is then a
+    fresh tensor, which merge_tensor casts). Same bits either way.
     """
+    dtype = dtype or base.dtype
     if out is None:
-        out = torch.empty_like(base)
-    if kernels.available([out, base, *deltas]):
-        if batch is not None:
-            batch.weighted_sum(out, base, base_coef, deltas, coefs)
-            return out
-        bad = kernels.weighted_sum(out, base, base_coef, deltas, coefs)
-        if checks is not None:
-            checks["non_finite"] = bad
+        out = torch.empty_like(base, dtype=dtype)
+    if kernels.available([out, base, *deltas], dtype):
+        queue = batch if batch is not None else kernels.Queue()
+        queue.weighted_sum(out, base, base_coef, deltas, coefs)
+        if batch is None:
+            _run_now(queue, checks)
         return out
+    base, deltas = base.to(dtype), [d.to(dtype) for d in deltas]
+    if out.dtype != dtype:
+        out = torch.empty_like(base)
     if base_coef == 1:
         out = torch.add(base, deltas[0], alpha=coefs[0], out=out)
     else:
@@ -284,6 +307,16 @@ def _weighted_sum(
     for delta, coef in zip(deltas[1:], coefs[1:], strict=True):
         out.add_(delta, alpha=coef)
     return out
+
+
+def _run_now(queue: kernels.Queue, checks: dict[str, Any] | None) -> None:
+    """Run a queue of one fused merge; record in `checks` how many values it wrote are NaN or
+    inf ("non_finite") and, for a narrower `out` with some, its float32 result ("unrounded")."""
+    (bad,) = queue.run()
+    if checks is not None:
+        checks["non_finite"] = bad
+        if 0 in queue.unrounded:
+            checks["unrounded"] = queue.unrounded[0]
 
 
 # --------------------------------------------------------------------------- slerp
@@ -296,8 +329,9 @@ def slerp(
     params: Params,
     out: torch.Tensor | None = None,
     memo: dict[str, Any] | None = None,
-    checks: dict[str, int] | None = None,
+    checks: dict[str, Any] | None = None,
     batch: kernels.Queue | None = None,
+    dtype: torch.dtype | None = None,
     **_: Any,
 ) -> torch.Tensor:
     """Spherical interpolation from the base (t = 0) to the one donor (t = 1), whole tensor.
@@ -307,14 +341,16 @@ def slerp(
     Computed from the task vector δ: with b·b, b·δ and δ·δ (memoised in `memo`, since they do
     not depend on t) the donor's norm and the angle need no pass over the weights, and the
     result c0·b + c1·(b + δ) = (c0 + c1)·b + c1·δ is a weighted sum, like task arithmetic.
+    `dtype`: the math dtype (None: base's); see the module docstring for narrower inputs.
     """
+    dtype = dtype or base.dtype
     t = float(donor_params[0]["t"])
     delta = deltas[0]
     if base.numel() == 0:
-        return torch.add(base, delta, alpha=t, out=out)
+        return torch.add(base.to(dtype), delta.to(dtype), alpha=t)
     stats = memo.get("slerp") if memo is not None else None
     if stats is None:
-        b, d = base.reshape(-1), delta.reshape(-1)
+        b, d = base.reshape(-1).to(dtype), delta.reshape(-1).to(dtype)
         stats = (float(torch.dot(b, b)), float(torch.dot(b, d)), float(torch.dot(d, d)))
         if memo is not None:
             memo["slerp"] = stats
@@ -333,7 +369,7 @@ def slerp(
         coef0 = math.sin((1 - t) * theta) / sin_theta
         coef1 = math.sin(t * theta) / sin_theta
     return _weighted_sum(base, coef0 + coef1, [delta], [coef1], out=out, checks=checks,
-                         batch=batch)
+                         batch=batch, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- nuslerp
@@ -529,6 +565,7 @@ def _task_arithmetic_spec(
         fn=partial(task_arithmetic, consensus=consensus, sparsification=sparsification),
         consensus=consensus,
         sparsification=sparsification,
+        fused=True,
     )
 
 
@@ -554,6 +591,7 @@ _SPECS: list[MethodSpec] = [
         mergekit="linear",
         paper="https://arxiv.org/abs/2203.05482",
         fn=linear,
+        fused=True,
     ),
     _task_arithmetic_spec(
         "task_arithmetic", _TASK_ARITHMETIC, consensus=None, sparsification=None,
@@ -602,6 +640,7 @@ _SPECS: list[MethodSpec] = [
         mergekit="slerp",
         paper="https://doi.org/10.1145/325165.325242",
         fn=slerp,
+        fused=True,
     ),
     MethodSpec(
         name="nuslerp",
@@ -772,7 +811,9 @@ def merge_tensor(
             (a fresh stream, from torch's global generator, if None).
         masks: optional precomputed keep-masks per donor (see `sparsify_mask`); None entries
             are computed here.
-        dtype: the math dtype.
+        dtype: the math dtype. In float32, the fused CPU kernels read base and donors and
+            write `out` in their own dtypes (bfloat16, float16 too): float32 math inside, the
+            result rounded to `out`'s dtype, the same bits as a float32 merge cast to it.
         out: where to write the result (base's shape; must not alias an input). Methods that
             can accumulate straight into it do (saving a pass over memory); the others copy.
         memo: a dict kept by the caller per (tensor, donors): methods memoise statistics there
@@ -816,12 +857,16 @@ def merge_tensor(
             )
     resolved_donors = [resolve_donor_params(method, p) for p in donor_params]
     resolved = resolve_params(method, params)
-    direct = out if out is not None and out.dtype == dtype else None
-    checks: dict[str, int] = {}  # what the method learned of its result in the pass writing it
+    # the fused CPU kernels read bfloat16 and float16 inputs and write such an `out` as they
+    # are stored (float32 math inside): they get the stored tensors, not float32 copies
+    stored = (spec.fused and out is not None
+              and kernels.available([out, base, *donors], dtype))
+    direct = out if out is not None and (out.dtype == dtype or stored) else None
+    checks: dict[str, Any] = {}  # what the method learned of its result in the pass writing it
     queued = len(batch) if batch is not None and direct is not None else None
     computed = spec.fn(
-        base.to(dtype),
-        [d.to(dtype) for d in donors],
+        base if stored else base.to(dtype),
+        [d if stored else d.to(dtype) for d in donors],
         resolved_donors,
         resolved,
         stream=stream,
@@ -830,6 +875,7 @@ def merge_tensor(
         memo=memo,
         checks=checks,
         batch=batch if queued is not None else None,  # only results written in place
+        dtype=dtype,
     )
     if queued is not None and len(batch) > queued:
         return out  # written and checked by batch.run()
@@ -846,6 +892,8 @@ def merge_tensor(
         if bad is None:
             assert_finite(result, source=computed if result is not computed else None)
         elif bad:
+            if "unrounded" in checks:  # written narrower: an overflow of its dtype, or a NaN?
+                assert_finite(result, source=checks["unrounded"])
             raise MergeError(f"{bad} merged values are NaN or inf")
     return result
 
