@@ -15,9 +15,11 @@ fi
 extra=""
 [ "${1:-}" = "dev" ] && extra="[dev]"
 "$py" -m pip install -q -e ".${extra}"
-# torchvision beside this torch breaks transformers' image processors; refuse it loudly.
-if "$py" -c "import torchvision" 2>/dev/null; then
-  echo "setup.sh: torchvision is installed in .venv and breaks transformers' image processors here; pip uninstall torchvision" >&2
+# A torchvision built for another torch (PyPI's beside the CPU torch 2.13.0) fails to import and
+# breaks transformers' image processors; one that imports (a CUDA torch with its own torchvision)
+# is what the real processor classes use.
+if "$py" -m pip show -q torchvision >/dev/null 2>&1 && ! "$py" -c "import torchvision" 2>/dev/null; then
+  echo "setup.sh: torchvision is installed in .venv but does not import with this torch (it breaks transformers' image processors); pip uninstall torchvision, or install the torchvision built for your torch" >&2
   exit 1
 fi
 echo "setup.sh: ready ($("$py" -c 'import torch; print("torch", torch.__version__)'))"

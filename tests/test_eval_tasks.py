@@ -330,5 +330,22 @@ def test_protocol_keys_are_checked(tmp_path):
     assert (task.protocol, task.circular, task.protocol_name) == ("cloze", False, "cloze")
     (tmp_path / "c.yaml").write_text((EXAMPLES / "captions.yaml").read_text().replace(
         "captions.jsonl", str(EXAMPLES / "captions.jsonl")) + "protocol: mmbench\n")
-    with pytest.raises(EvalError, match="keys of image_choice tasks only"):
+    with pytest.raises(EvalError, match="unknown key 'protocol' for a task of kind caption_retrieval"):
         load_task(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("protcol: mmbench\n", "unknown key 'protcol' for a task of kind image_choice"),
+    ("chat_templat: false\n", "unknown key 'chat_templat'"),
+    ("subset: 5\n", "subset: 5 is not a mapping of size and seed"),
+    ("subset: {size: abc}\n", "subset.size: 'abc' is not a whole number"),
+    ("version: one\n", "version: 'one' is not a whole number"),
+    ("chat_template: [a]\n", r"chat_template: \['a'\] is not one of auto, true, false"),
+    ("metric: f1\n", "metric: an image_choice task reports acc, not 'f1'"),
+])
+def test_a_task_file_with_a_typo_or_a_wrong_type_is_refused(tmp_path, extra, message):
+    (tmp_path / "d.jsonl").write_text(json.dumps(_row()) + "\n")
+    (tmp_path / "m.yaml").write_text("task: m\nkind: image_choice\n"
+                                     "source: {type: jsonl, path: d.jsonl}\n" + extra)
+    with pytest.raises(EvalError, match=message):
+        load_task(tmp_path / "m.yaml")

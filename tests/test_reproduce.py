@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlmexp.checkpoint import open_model
+from vlmexp.checkpoint import load_processor, open_model
 from vlmexp.cli import main
 from vlmexp.merge.engine import MergeEngine
 from vlmexp.merge.recipe import Recipe
@@ -170,6 +170,34 @@ def test_evaluate_prints_logged_and_new_values(study, tmp_path, capsys):
     assert rows["objective.vl"] == [f"{vl:.4f}", f"{vl:.4f}", "+0.0000"]
     acc = study["result"].metrics["example_shapes_jsonl"]["acc"]
     assert rows["example_shapes_jsonl.acc"] == [f"{acc:.4f}", f"{acc:.4f}", "+0.0000"]
+
+
+@pytest.mark.parametrize("logged_as", ["same", "other"])
+def test_evaluate_refuses_to_compare_scores_of_another_prompt(study, tmp_path, capsys, logged_as):
+    """The study logged each task's identity: a re-evaluation with other prompts is no match."""
+    from vlmexp.eval import Evaluator
+
+    processor = load_processor(study["root"] / "base")
+    identity = Evaluator.from_config(EVAL, processor).identity()["example_shapes_jsonl"]
+    logged = identity if logged_as == "same" else identity.replace("prompts:", "prompts:0")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(tracking_uri=uri, experiment="ids", study_name="ids")
+    tracker.start({"eval": {**EVAL, "tasks": ["evals/examples/shapes_jsonl.yaml"]}},
+                  objectives=["vl"], directions=["maximize"],
+                  tasks={"example_shapes_jsonl": logged})
+    run = tracker.log_trial(TrialRecord(
+        number=0, state="COMPLETE", recipe=study["recipe"], values={"vl": 0.5}, metrics={},
+        intermediate=[], seconds={}, weights_digest=study["digest"], items=None))
+    tracker.close()
+    rc = main(["reproduce", run, "--out", str(tmp_path / "out"), "--tracking-uri", uri,
+               "--device", "cpu", "--evaluate"])
+    out, err = capsys.readouterr()
+    if logged_as == "same":
+        assert rc == 0 and f"task example_shapes_jsonl: {identity} (as logged)" in out
+    else:
+        assert rc == 2 and f"(the study: {logged})" in out
+        assert "task example_shapes_jsonl is not evaluated as the study evaluated it" in err
+        assert (tmp_path / "out").is_dir()  # the rebuild itself stands
 
 
 @pytest.mark.parametrize("argv, message", [

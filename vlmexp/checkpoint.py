@@ -250,6 +250,13 @@ def open_model(
                        source=source)
 
 
+def current_umask() -> int:
+    """The process's umask (read without changing it for good)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def model_skeleton(path_or_id: str | os.PathLike | ResolvedModel, revision: str | None = None,
                    *, trust_remote_code: bool = False) -> torch.nn.Module:
     """The model's module tree from its config alone, with every tensor on the meta device:
@@ -390,6 +397,7 @@ def save_model(
         resolve_model(source_dir))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would hide the result from colleagues
     try:
         model.save_pretrained(
             tmp, max_shard_size=max_shard_size, save_original_format=not native_layout,

@@ -206,7 +206,7 @@ def eval_config(eval_node: Mapping[str, Any], *, device: str, test: bool = False
     """The `eval` node as `Evaluator.from_config` takes it: the validation (or, with `test`,
     the held-out) tasks and objectives, task paths resolved by `project_path`."""
     tasks = eval_node.get("test_tasks" if test else "tasks") or []
-    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    tasks = list(tasks)
     return {"tasks": [str(project_path(t)) for t in tasks],
             "objectives": eval_node.get("test_objectives" if test else "objectives") or {},
             "batch_size": eval_node.get("batch_size", 16), "device": device}

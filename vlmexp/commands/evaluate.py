@@ -144,7 +144,10 @@ def write_json(result: EvalResult, out: str | os.PathLike) -> None:
     """Write atomically: a temporary file beside `out`, renamed into place."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    from vlmexp.checkpoint import current_umask
+
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would hide it from colleagues
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(result.to_json(), f, indent=1)

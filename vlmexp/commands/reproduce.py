@@ -125,15 +125,20 @@ def _evaluate(info: RunInfo, engine: MergeEngine) -> None:
     logged = {f"objective.{k}": v for k, v in info.values.items()}
     logged.update(info.metrics)
     print(format_comparison(logged, now))
+    differ = []
     for task, identity in result.tasks.items():
         was = info.tasks.get(task)
         if was is None:
             print(f"task {task}: {identity} (the study logged no identity for it)")
         elif was != identity:
-            print(f"warning: task {task} is not evaluated as the study did: logged {was}, "
-                  f"now {identity}", file=sys.stderr)
+            print(f"task {task}: {identity} (the study: {was})")
+            differ.append(task)
         else:
             print(f"task {task}: {identity} (as logged)")
+    if differ:  # the rebuilt checkpoint stands; its scores here are not the study's kind
+        raise EvalError(f"task {differ[0]} is not evaluated as the study evaluated it (another "
+                        f"version, protocol or prompt): the scores above are not comparable; "
+                        f"the rebuilt checkpoint was written")
 
 
 def format_comparison(logged: dict[str, float], now: dict[str, float]) -> str:

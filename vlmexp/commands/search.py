@@ -69,5 +69,11 @@ def summary(cfg, result) -> str:
     uri = cfg.tracking.uri or DEFAULT_URI
     lines.append(f"MLflow: {uri} (experiment {cfg.tracking.experiment or cfg.study_name!r}); "
                  f"browse with: mlflow ui --backend-store-uri {uri}")
-    lines.append("rebuild the best: python -m vlmexp reproduce --best --out merged/")
+    experiment = str(cfg.tracking.experiment or cfg.study_name)
+    where = f" --experiment {experiment}" + ("" if uri == DEFAULT_URI else f" --tracking-uri {uri}")
+    if len(objectives) == 1:
+        lines.append(f"rebuild the best: python -m vlmexp reproduce --best{where} --out merged/")
+    else:
+        lines.append("rebuild a trial of the front: python -m vlmexp reproduce RUN_ID"
+                     + ("" if uri == DEFAULT_URI else f" --tracking-uri {uri}") + " --out merged/")
     return "\n".join(lines)

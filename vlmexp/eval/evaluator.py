@@ -419,7 +419,10 @@ class Evaluator:
             self._identity = {}
             for name, task in self.tasks.items():
                 if task.kind == "lm_eval":
-                    self._identity[name] = f"v{task.version} lm_eval:{task.lm_eval_task}"
+                    assert self._lmeval is not None and task.lm_eval_task is not None
+                    digest = self._lmeval.prompt_digest(task.lm_eval_task)
+                    self._identity[name] = (f"v{task.version} lm_eval:{task.lm_eval_task} "
+                                            f"prompts:{digest}")
                     continue
                 prompts = [image_prompt(self.processor, variant.text,
                                         chat_template=task.chat_template)

@@ -231,7 +231,6 @@ class LmEvalRunner:
             loaded = manager.load_task_or_group([_spec(manager, n, paths) for n in task_names])
         except Exception as err:  # lm-eval raises many types for bad task YAMLs or data
             raise EvalError(f"lm-eval could not load {', '.join(task_names)}: {type(err).__name__}: {err}") from err
-        self.task_dict = loaded
         self.tasks: dict[str, Any] = {}
         for name in task_names:
             obj = loaded.get(name)
@@ -271,6 +270,24 @@ class LmEvalRunner:
         docs = self.tasks[name].eval_docs
         asked = self._asked.get(name) or range(len(docs))
         return next((i for i in asked if docs[i] == doc), "?")
+
+    def prompt_digest(self, name: str) -> str:
+        """A digest of what decides how lm-eval prompts and scores task `name`: its prompt
+        fields, delimiters, few-shot count, output type, metrics and version, and lm-eval's
+        own version (not where its data lies, which differs between machines)."""
+        import hashlib
+        import json
+
+        import lm_eval
+
+        config = self.tasks[name].config
+        keys = ("task", "output_type", "doc_to_text", "doc_to_target", "doc_to_choice",
+                "target_delimiter", "fewshot_delimiter", "num_fewshot", "generation_kwargs",
+                "metric_list", "filter_list", "metadata")
+        fields = {k: getattr(config, k, None) for k in keys}
+        fields["lm_eval"] = getattr(lm_eval, "__version__", "?")
+        text = json.dumps(fields, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def num_docs(self, name: str) -> int:
         return len(self.tasks[name].eval_docs)

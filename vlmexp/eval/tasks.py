@@ -67,6 +67,14 @@ KINDS = ("image_choice", "caption_retrieval", "lm_eval")
 SOURCES = ("jsonl", "datasets", "tsv")
 PROTOCOLS = ("cloze", "mmbench")  # how image_choice items are shown and scored
 PRIMARY_METRIC = {"image_choice": "acc", "caption_retrieval": "recall@1"}
+_COMMON_KEYS = {"task", "version", "kind", "subset"}
+# the keys each kind of task file may have (anything else is refused: a typo would be ignored)
+TASK_KEYS = {
+    "image_choice": _COMMON_KEYS | {"source", "prompt", "chat_template", "protocol", "circular",
+                                    "metric"},
+    "caption_retrieval": _COMMON_KEYS | {"source", "prompt", "chat_template", "distractors"},
+    "lm_eval": _COMMON_KEYS | {"lm_eval_task", "include_path", "metric"},
+}
 CHAT_TEMPLATE = {"auto": None, True: True, False: False}  # YAML value -> image_prompt's switch
 DEFAULT_CAPTION_PROMPT = "Describe the image."
 CIRCULAR_STRIDE = 1_000_000  # MMBench: circular copy k of row i has index i + k * 10^6
@@ -192,6 +200,15 @@ class Task:
         return order
 
 
+def _integer(path: Path, key: str, value: Any) -> int | None:
+    """`value` as an int (None stays None), or an EvalError naming the key."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(path, f"{key}: {value!r} is not a whole number")
+    return value
+
+
 def _fail(path: Path, msg: str) -> EvalError:
     return EvalError(f"{path}: {msg}")
 
@@ -219,17 +236,24 @@ def load_task(path: str | Path) -> Task:
     kind = spec["kind"]
     if kind not in KINDS:
         raise _fail(path, f"kind {kind!r} is not one of {', '.join(KINDS)}")
+    unknown = sorted(set(spec) - TASK_KEYS[kind])
+    if unknown:  # a typo would otherwise silently keep the default
+        raise _fail(path, f"unknown key {unknown[0]!r} for a task of kind {kind} (keys: "
+                          f"{', '.join(sorted(TASK_KEYS[kind]))})")
     subset = spec.get("subset") or {}
-    size = subset.get("size")
+    if not isinstance(subset, dict) or set(subset) - {"size", "seed"}:
+        raise _fail(path, f"subset: {subset!r} is not a mapping of size and seed")
+    if kind == "image_choice" and "metric" in spec and spec["metric"] != "acc":
+        raise _fail(path, f"metric: an image_choice task reports acc, not {spec['metric']!r}")
+    size = _integer(path, "subset.size", subset.get("size"))
     task = Task(
-        name=str(spec["task"]), version=int(spec.get("version", 1)), kind=kind, path=path,
+        name=str(spec["task"]), version=_integer(path, "version", spec.get("version", 1)),
+        kind=kind, path=path,
         prompt=str(spec.get("prompt", DEFAULT_CAPTION_PROMPT if kind == "caption_retrieval" else "{question}")),
-        subset_size=None if size is None else int(size), subset_seed=int(subset.get("seed", 0)),
+        subset_size=size, subset_seed=_integer(path, "subset.seed", subset.get("seed", 0)),
         metric=str(spec.get("metric", "acc")),
     )
     protocol, circular = spec.get("protocol", "cloze"), spec.get("circular", False)
-    if ("protocol" in spec or "circular" in spec) and kind != "image_choice":
-        raise _fail(path, "protocol and circular are keys of image_choice tasks only")
     if protocol not in PROTOCOLS:
         raise _fail(path, f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
     if not isinstance(circular, bool):
@@ -239,10 +263,7 @@ def load_task(path: str | Path) -> Task:
                           "on the order of the choices)")
     task.protocol, task.circular = protocol, circular
     template = spec.get("chat_template", "auto")
-    if kind == "lm_eval" and "chat_template" in spec:
-        raise _fail(path, "chat_template: lm_eval tasks are prompted by lm-eval; remove the key")
-    if template not in CHAT_TEMPLATE or isinstance(template, (int, float)) and not isinstance(
-            template, bool):
+    if not isinstance(template, (str, bool)) or template not in CHAT_TEMPLATE:
         raise _fail(path, f"chat_template: {template!r} is not one of auto, true, false")
     task.chat_template = CHAT_TEMPLATE[template]
     if kind == "lm_eval":

@@ -53,7 +53,6 @@ class MethodSpec:
     min_donors: int
     max_donors: int | None
     random: bool  # draws from a sparsify.CounterStream (DARE, DELLA)
-    uses_base: bool
     mergekit: str | None
     paper: str
     fn: Callable[..., torch.Tensor]
@@ -559,7 +558,6 @@ def _task_arithmetic_spec(
         min_donors=1,
         max_donors=None,
         random=sparsification in (sp.RANDOM, sp.RANK_MAGNITUDE_SAMPLING),
-        uses_base=True,
         mergekit=name,
         paper=paper,
         fn=partial(task_arithmetic, consensus=consensus, sparsification=sparsification),
@@ -587,7 +585,6 @@ _SPECS: list[MethodSpec] = [
         min_donors=1,
         max_donors=None,
         random=False,
-        uses_base=True,
         mergekit="linear",
         paper="https://arxiv.org/abs/2203.05482",
         fn=linear,
@@ -636,7 +633,6 @@ _SPECS: list[MethodSpec] = [
         min_donors=1,
         max_donors=1,
         random=False,
-        uses_base=True,
         mergekit="slerp",
         paper="https://doi.org/10.1145/325165.325242",
         fn=slerp,
@@ -654,7 +650,6 @@ _SPECS: list[MethodSpec] = [
         min_donors=2,
         max_donors=2,
         random=False,
-        uses_base=True,
         mergekit="nuslerp",
         paper="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
         fn=nuslerp,
@@ -669,7 +664,6 @@ _SPECS: list[MethodSpec] = [
         min_donors=2,
         max_donors=None,
         random=False,
-        uses_base=True,
         mergekit="model_stock",
         paper="https://arxiv.org/abs/2403.19522",
         fn=model_stock,
@@ -686,7 +680,6 @@ _SPECS: list[MethodSpec] = [
         min_donors=1,
         max_donors=None,
         random=False,
-        uses_base=True,
         mergekit="karcher",
         paper="https://arxiv.org/abs/2603.04972",
         fn=karcher,

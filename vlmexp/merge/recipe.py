@@ -1,4 +1,4 @@
-"""The recipe: the YAML document that fully determines a merged model (see DESIGN.md).
+"""The recipe: the YAML document that fully determines a merged model (README, Recipes).
 
 A recipe names a method, a base and donors (each pinned by its weights digest and, for a hub id,
 the commit it resolved to), method-level parameters, and per-component, per-donor parameters,

@@ -368,35 +368,3 @@ def sparsify_mask(
         return rank_magnitude_sampling_mask(delta, density, epsilon, stream, ranking)
     raise MergeError(f"unknown sparsification {sparsification!r}; known: {', '.join(SPARSIFIERS)}")
 
-
-def apply_mask(
-    delta: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    rescale: bool,
-    rescale_mode: str,
-    sparsification: str,
-    density: float,
-    epsilon: float = 0.15,
-) -> torch.Tensor:
-    """`delta * mask` in a fresh tensor, rescaled when `rescale` is true.
-
-    rescale_mode "mergekit": multiply by ||delta||_1 / ||delta * mask||_1 over the whole tensor
-    (skipped where either norm is below 1e-7), as mergekit 0.1.5 does.
-    rescale_mode "paper": divide each kept entry by its keep probability (DARE's 1/p; DELLA's
-    per-entry 1/p_i; `density` for the deterministic sparsifiers, keeping the expected sum).
-    """
-    kept = delta * mask
-    if not rescale:
-        return kept
-    if rescale_mode == "mergekit":
-        before = delta.abs().sum()
-        after = kept.abs().sum()
-        if before >= 1e-7 and after >= 1e-7:
-            kept.mul_(before / after)
-        return kept
-    if rescale_mode == "paper":
-        if sparsification == RANK_MAGNITUDE_SAMPLING:
-            return kept.div_(rank_magnitude_keep_probs(delta, density, epsilon).to(kept.dtype))
-        return kept.div_(density) if density > 0 else kept
-    raise MergeError(f"unknown rescale_mode {rescale_mode!r}; known: {', '.join(RESCALE_MODES)}")

@@ -1,6 +1,6 @@
 """What the tracking writer (`tracking.py`) and reader (`runs.py`) share about the MLflow store.
 
-The default tracking URI, the tag keys of DESIGN.md's tracking contract, the client factory and
+The default tracking URI, the tag keys of the tracking contract (README, Tracking), the client factory and
 the context manager that turns any MLflow or I/O failure into a one-line `TrackingError`.
 
 Example:

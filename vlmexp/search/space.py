@@ -30,6 +30,7 @@ from vlmexp.layout import COMPONENTS, Layout, inert
 from vlmexp.merge.recipe import ModelRef, Recipe
 
 Slot = tuple[str | None, str | None, str, int | None]  # (component, donor, parameter, knot)
+METHOD_PARAM = "method"  # the Optuna parameter of a method choice (`space.methods`)
 
 
 def _is_range(value: Any) -> bool:
@@ -171,7 +172,7 @@ class SearchSpace:
                                 f"components ({specs[(donor, key)]!r} vs {value!r} in {comp})")
 
     def _corner(self, method: str, end: int) -> dict[str, Any]:
-        params: dict[str, Any] = {"method": method} if len(self.methods) > 1 else {}
+        params: dict[str, Any] = {METHOD_PARAM: method} if len(self.methods) > 1 else {}
         for name, value in self._searched(method):
             params[name] = value[end] if _is_range(value) else value[0]
         return params
@@ -237,8 +238,8 @@ class SearchSpace:
         params: dict[str, Any] = {}
         method = self.methods[0]
         if len(self.methods) > 1:
-            method = trial.suggest_categorical("method", self.methods)
-            params["method"] = method
+            method = trial.suggest_categorical(METHOD_PARAM, self.methods)
+            params[METHOD_PARAM] = method
         for name, value in self._searched(method):
             if _is_range(value):
                 params[name] = trial.suggest_float(name, float(value[0]), float(value[1]))
@@ -248,7 +249,7 @@ class SearchSpace:
 
     def recipe_from_params(self, params: Mapping[str, Any]) -> Recipe:
         """The recipe for a full set of trial parameters (as `trial.params` holds them)."""
-        method = str(params.get("method", self.methods[0]))
+        method = str(params.get(METHOD_PARAM, self.methods[0]))
         spec = self._method_spec(method)
         donor_keys = {p.name for p in spec.donor_params}
         method_keys = {p.name for p in spec.method_params}
@@ -286,7 +287,7 @@ class SearchSpace:
         """Trial parameters that give `recipe`, or None when the space cannot express it."""
         if recipe.method not in self.methods:
             return None
-        params: dict[str, Any] = {"method": recipe.method} if len(self.methods) > 1 else {}
+        params: dict[str, Any] = {METHOD_PARAM: recipe.method} if len(self.methods) > 1 else {}
         for name, value in self._searched(recipe.method):
             found: set[str] = set()
             got = None
@@ -357,10 +358,7 @@ class SearchSpace:
             candidate = Recipe.from_dict(filled)
         except RecipeError:
             return None
-        params = self.params_for(candidate)
-        if params is None:
-            return None
-        return params
+        return self.params_for(candidate)
 
 
 def _normalized(recipe: Recipe) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from vlmexp.config import eval_config
-from vlmexp.errors import ConfigError, EvalError, MergeError, VlmexpError
+from vlmexp.errors import ConfigError, EvalError, MergeError, VlmexpError, one_line
 from vlmexp.eval import EvalResult, Evaluator
 from vlmexp.layout import Layout, align, discover
 from vlmexp.merge.engine import MergeEngine, math_dtype_of
@@ -263,7 +263,7 @@ def run_trial(trial: optuna.Trial, space: SearchSpace, engine: MergeEngine,
         record.state, record.reason = "PRUNED", pruned.reason
     except (VlmexpError, RuntimeError, ValueError) as err:
         # a failed trial (NaN weights, out of memory, an evaluation error) is recorded; the study goes on
-        record.state, record.reason = "FAIL", f"{type(err).__name__}: {' '.join(str(err).split())}"
+        record.state, record.reason = "FAIL", f"{type(err).__name__}: {one_line(err)}"
         if not isinstance(err, (MergeError, EvalError)):
             traceback.print_exc(file=sys.stderr)
     if parts:

@@ -1,6 +1,6 @@
 """MLflow tracking of a study: one experiment, one parent run per study, one child run per trial.
 
-The record follows DESIGN.md's tracking contract. A child run holds the flattened recipe as
+The record follows the project's tracking contract (README, Tracking). A child run holds the flattened recipe as
 params; each objective (`objective.<name>`), each task metric, `seconds.<phase>` and the
 intermediate values (`intermediate.<objective>`, step = items evaluated) as metrics; the trial
 number, state, recipe hash, weights digest and per-component weight fingerprints

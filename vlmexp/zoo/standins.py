@@ -38,6 +38,7 @@ class Family:
     vlm: str  # vlmexp.zoo.tiny builder
     ids: dict[str, str] = field(default_factory=dict)  # role -> hub id (base, vqa, text)
     tied: bool = False  # the real checkpoint ties its head to the token embeddings
+    tie_option: bool = False  # the tiny builder unties by default: ask it to tie
 
 
 FAMILIES = {
@@ -48,10 +49,11 @@ FAMILIES = {
                                        "text": "meta-math/MetaMath-7B-V1.0"}),
     # Qwen2-VL-2B-Instruct (byte-level BPE, tied embeddings) and its base model
     "qwen2_vl": Family("qwen2", "qwen2_vl", {"base": "Qwen/Qwen2-VL-2B-Instruct",
-                                             "vqa": "Qwen/Qwen2-VL-2B"}, tied=True),
-    # Gemma 3 4B instruct (Gemma SentencePiece tokenizer) and its pretrained base
+                                             "vqa": "Qwen/Qwen2-VL-2B"}, tied=True,
+                       tie_option=True),
+    # Gemma 3 4B instruct (Gemma SentencePiece tokenizer, tied embeddings) and its pretrained base
     "gemma3": Family("gemma", "gemma3", {"base": "google/gemma-3-4b-it",
-                                         "vqa": "google/gemma-3-4b-pt"}),
+                                         "vqa": "google/gemma-3-4b-pt"}, tied=True),
 }
 
 
@@ -84,7 +86,7 @@ def build_family(family: str, out: str | os.PathLike) -> dict[str, Path]:
     spec = FAMILIES[family]
     tokenizer = build_tokenizer(spec.kind, chat_template=True)
     processor = for_tokenizer(spec.kind, tokenizer)
-    extra = {"tie_word_embeddings": True} if spec.tied else {}
+    extra = {"tie_word_embeddings": True} if spec.tie_option else {}
     base = build_for_tokenizer(spec.vlm, tokenizer, seed=0, **extra)
     models: dict[str, torch.nn.Module] = {"base": base,
                                           "vqa": perturb(copy.deepcopy(base), 1, 0.05)}
