@@ -31,7 +31,7 @@ def test_overrides_and_group_choices():
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["serch.n_trials=3"], "Could not override 'serch.n_trials'"),
+    (["serch.n_trials=3"], "serch.n_trials: no such key in the config"),
     (["search.n_trials=abc"], "search.n_trials: Value 'abc'"),
     (["+search.colour=1"], "search.colour: Key 'colour' not in"),
     (["search.sampler=bayes"], "search.sampler: 'bayes' is not one of"),
@@ -53,3 +53,22 @@ def test_cli_prints_the_config_and_exits_2_on_a_typo(capsys):
     assert main(["search", "--cfg", "serch.n_trials=3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("vlmexp search: error: ") and "\n" not in err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("search.n_trial=5", "search.n_trial: no such key in the config (a typo?)"),
+    ("space=globl", "space=globl: no such config in conf/space/"),
+    ("device=gpu", "device: 'gpu' is not auto, cpu, cuda or cuda:N"),
+    ("merge.dtype=float8", "merge.dtype: 'float8' is not one of float32, float64"),
+    ("merge.method=tie", "merge.method: 'tie' is not one of linear, task_arithmetic"),
+    ("models.donors.text.map=llm2vlm", "models.donors.text.map: 'llm2vlm' is not one of auto"),
+])
+def test_a_bad_setting_is_one_line_naming_it(override, message):
+    with pytest.raises(ConfigError) as err:
+        compose([override])
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_the_paired_pruner_needs_one_objective():
+    with pytest.raises(ConfigError, match="search.pruning.pruner: paired compares one objective"):
+        compose(["search=pareto", "search.pruning.pruner=paired"])

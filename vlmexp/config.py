@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +161,8 @@ def validate(raw: Any) -> DictConfig:
 def _check_choices(cfg: DictConfig) -> None:
     # each choice list lives with the code that acts on it
     from vlmexp.layout import VOCAB_POLICIES
+    from vlmexp.merge.methods import METHODS
+    from vlmexp.merge.recipe import DTYPES, MAPS
     from vlmexp.search.pruning import PRUNERS
     from vlmexp.search.samplers import SAMPLERS
 
@@ -167,7 +170,11 @@ def _check_choices(cfg: DictConfig) -> None:
         "search.sampler": (cfg.search.sampler, tuple(SAMPLERS)),
         "search.pruning.pruner": (cfg.search.pruning.pruner, tuple(PRUNERS)),
         "merge.vocab": (cfg.merge.vocab, VOCAB_POLICIES),
+        "merge.method": (cfg.merge.method, tuple(METHODS)),
+        "merge.dtype": (cfg.merge.dtype, DTYPES),
     }
+    choices.update({f"models.donors.{name}.map": (d.map, MAPS)
+                    for name, d in cfg.models.donors.items()})
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
@@ -182,10 +189,39 @@ def _check_choices(cfg: DictConfig) -> None:
     for r in cfg.search.pruning.rungs:
         if not 0 < r < 1:
             raise ConfigError(f"search.pruning.rungs: {r} is not a fraction in (0, 1)")
+    if cfg.search.pruning.pruner == "paired" and len(cfg.search.objectives) > 1:
+        raise ConfigError("search.pruning.pruner: paired compares one objective with the best "
+                          "trial's; with several objectives a trial is pruned when dominated "
+                          "(set search.pruning.margin) and the pruner has no effect")
+    check_device(str(cfg.device), key="device")
+
+
+def check_device(device: str, *, key: str) -> None:
+    """ConfigError unless `device` is auto, cpu or an available cuda device."""
+    import re
+
+    import torch
+
+    if device in ("auto", "cpu"):
+        return
+    if not re.fullmatch(r"cuda(:\d+)?", device):
+        raise ConfigError(f"{key}: {device!r} is not auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{key}: {device} is not available on this machine (no CUDA device)")
 
 
 def _omegaconf_line(err: BaseException) -> str:
     text = one_line(err)
+    # Hydra suggests "+key=value" for a key the config lacks; the schema refuses that too
+    unknown = re.match(r"Could not override '([^']+)'\. To append to your config use \+", text)
+    if unknown:
+        return f"{unknown.group(1)}: no such key in the config (a typo?)"
+    # "Could not load 'space/globl'" comes with Hydra's whole search path: keep the first line
+    missing = re.match(r"In '[^']+': Could not find '([^']+)'", text) or re.match(
+        r"Could not load '([^']+)'", text)
+    if missing:
+        group, _, name = missing.group(1).partition("/")
+        return f"{group}={name}: no such config in conf/{group}/" if name else text
     # OmegaConf appends "full_key: KEY reference_type=... object_type=..."; lead with the key
     if " full_key:" in text:
         message, trailer = text.split(" full_key:", 1)

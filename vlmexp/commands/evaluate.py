@@ -178,6 +178,10 @@ def evaluate_model(model: torch.nn.Module, processor: Any, evaluator: Evaluator,
 
 
 def run(args: argparse.Namespace) -> int:
+    from vlmexp.config import check_device
+
+    if args.device is not None:
+        check_device(args.device, key="--device")
     from vlmexp.checkpoint import resolve_device
 
     args.device = resolve_device(args.device)

@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
         print(text, end="")
     else:
         out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp")
         tmp.write_text(text)
         os.replace(tmp, out)

@@ -114,8 +114,14 @@ def format_layout(spec: str, layout: Layout) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlmexp.layout import align, discover
+    from vlmexp.config import check_device
 
+    if args.device is not None:
+        check_device(args.device, key="--device")
+    from vlmexp.layout import VOCAB_POLICIES, align, discover
+
+    if args.vocab not in VOCAB_POLICIES:
+        raise ConfigError(f"--vocab: {args.vocab!r} is not one of {', '.join(VOCAB_POLICIES)}")
     if args.plan:
         return _plan(args)
     for flag in ("components", "memory_budget"):

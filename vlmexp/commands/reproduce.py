@@ -50,6 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vlmexp.config import check_device
+
+    if args.device is not None:
+        check_device(args.device, key="--device")
     from vlmexp.checkpoint import save_model
     from vlmexp.merge.engine import MergeEngine
     from vlmexp.search.runs import find_run
