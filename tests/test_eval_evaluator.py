@@ -213,7 +213,7 @@ def test_cli_takes_the_eval_group_of_the_search_config(tmp_path, capsys):
     assert all(len(items) == 2 for items in data["items"].values())
     capsys.readouterr()
     assert main(["evaluate", "tiny:llava", "eval=nope"]) == 2
-    assert "Could not find 'eval/nope'" in capsys.readouterr().err
+    assert "eval=nope: no such config in conf/eval/" in capsys.readouterr().err
 
 
 # --- MMBench protocol and CircularEval: scores computed by hand -------------------------------
@@ -461,3 +461,17 @@ def test_image_tasks_refuse_a_processor_that_cannot_see_images(tiny_processor):
         Evaluator.from_config(cfg, tiny_processor("llava").tokenizer, base_dir=EXAMPLES)
     with pytest.raises(EvalError, match="batch_size must be at least 1, got 0"):
         Evaluator.from_config({**cfg, "batch_size": 0}, tiny_processor("llava"), base_dir=EXAMPLES)
+
+
+@pytest.mark.parametrize("body, message", [
+    ("tasks: [shapes_jsonl.yaml]\nobjective: {x: {t: 1}}\n", "unknown key 'objective'"),
+    ("tasks: [shapes_jsonl.yaml]\nobjectives: {x: {t: a}}\n", "objectives.x must map task names"),
+    ("tasks: [shapes_jsonl.yaml]\nobjectives: {x: [t]}\n", "objectives.x must map task names"),
+    ("tasks: [shapes_jsonl.yaml]\nbatch_size: abc\n", "batch_size: 'abc' is not a whole number"),
+])
+def test_a_bad_eval_config_is_one_line(tmp_path, capsys, body, message):
+    cfg = tmp_path / "e.yaml"
+    cfg.write_text(body)
+    assert main(["evaluate", "tiny:llava", "--eval-config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]

@@ -352,3 +352,22 @@ def test_several_filters_name_each_metric_by_its_filter(lm_tasks, tmp_path, tiny
                                                    include_defaults=False))["results"]["t_gen2"]
     assert out.metrics == {"exact_match/raw": ref["exact_match,raw"],
                            "exact_match/stripped": ref["exact_match,stripped"]}
+
+
+def test_a_missing_data_file_is_named_next_to_its_task_yaml(tmp_path, monkeypatch):
+    """lm-eval reads a relative data file against the working directory; we read it next to
+    the task YAML, so a same-named file in the working directory is never used instead."""
+    from vlmexp.errors import EvalError
+    from vlmexp.eval.lmeval import LmEvalRunner
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "t.yaml").write_text(
+        "task: t_missing\ndataset_path: json\ndataset_kwargs: {data_files: {test: gone.jsonl}}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: q\ndoc_to_choice: [a, b]\n"
+        "doc_to_target: 0\nmetric_list: [{metric: acc}]\n")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gone.jsonl").write_text('{"q": "decoy"}\n')  # in the cwd only
+    with pytest.raises(EvalError, match=r"^\S+tasks: data file 'gone.jsonl' not found \(looked for .*"
+                                        r"tasks/gone.jsonl\)"):
+        LmEvalRunner(["t_missing"], include_paths=[tasks])

@@ -91,6 +91,24 @@ def merged_model(recipe_path: str, device: str = "cpu", *, trust_remote_code: bo
     return engine.model, engine.processor
 
 
+def check_eval_config(cfg: dict[str, Any], where: str) -> None:
+    """EvalError naming the key when an --eval-config file is not what `eval` takes."""
+    known = {"tasks", "objectives", "batch_size", "test_tasks", "test_objectives"}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise EvalError(f"{where}: unknown key {unknown[0]!r} (keys: {', '.join(sorted(known))})")
+    for key in ("objectives", "test_objectives"):
+        for name, weights in (cfg.get(key) or {}).items():
+            if not isinstance(weights, dict) or not all(
+                    isinstance(w, (int, float)) and not isinstance(w, bool)
+                    for w in weights.values()):
+                raise EvalError(f"{where}: {key}.{name} must map task names to numeric weights, "
+                                f"got {weights!r}")
+    size = cfg.get("batch_size", 16)
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise EvalError(f"{where}: batch_size: {size!r} is not a whole number")
+
+
 def build_evaluator(args: argparse.Namespace, processor: Any) -> Evaluator:
     from vlmexp.eval.evaluator import Evaluator
 
@@ -104,6 +122,7 @@ def build_evaluator(args: argparse.Namespace, processor: Any) -> Evaluator:
             raise EvalError(f"{cfg_path}: cannot read ({str(err).splitlines()[0]})") from err
         if not isinstance(cfg, dict):
             raise EvalError(f"{cfg_path}: an eval config must be a mapping")
+        check_eval_config(cfg, str(cfg_path))
         base = cfg_path.parent
         if args.tasks:  # --tasks overrides the config's task list; paths then are the cwd's
             cfg = {**cfg, "tasks": [os.path.abspath(t) for t in args.tasks]}

@@ -169,10 +169,16 @@ def _hflm_class() -> type:
 
 
 def _resolve(value: Any, folder: Path) -> Any:
-    """Data file paths relative to a task YAML's folder, made absolute (lm-eval leaves them to the cwd)."""
+    """Data file paths relative to a task YAML's folder, made absolute (lm-eval leaves them to
+    the working directory, where a file of the same name would be read silently). A path that
+    does not exist there is an EvalError naming it."""
     if isinstance(value, str):
-        candidate = folder / value
-        return str(candidate.resolve()) if not Path(value).is_absolute() and candidate.exists() else value
+        if Path(value).is_absolute() or "://" in value:
+            return value
+        candidate = (folder / value).resolve()
+        if not candidate.exists() and not any(c in value for c in "*?["):
+            raise EvalError(f"{folder}: data file {value!r} not found (looked for {candidate})")
+        return str(candidate)
     if isinstance(value, dict):
         return {k: _resolve(v, folder) for k, v in value.items()}
     if isinstance(value, list):
@@ -227,8 +233,9 @@ class LmEvalRunner:
             if unknown:
                 at = where.get(unknown[0], "lm-eval")
                 raise EvalError(f"{at}: unknown lm-eval task {unknown[0]!r}")
+        specs = [_spec(manager, n, paths) for n in task_names]  # our own errors first
         try:
-            loaded = manager.load_task_or_group([_spec(manager, n, paths) for n in task_names])
+            loaded = manager.load_task_or_group(specs)
         except Exception as err:  # lm-eval raises many types for bad task YAMLs or data
             raise EvalError(f"lm-eval could not load {', '.join(task_names)}: {type(err).__name__}: {err}") from err
         self.tasks: dict[str, Any] = {}
