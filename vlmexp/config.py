@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from vlmexp.errors import ConfigError, one_line
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = PROJECT_ROOT / "conf"
+from vlmexp.paths import CONF_DIR
 
 
 @dataclass
@@ -228,24 +225,6 @@ def _omegaconf_line(err: BaseException) -> str:
         key = trailer.split()[0] if trailer.split() else ""
         return f"{key}: {message}" if key else message
     return text
-
-
-def project_path(path: str | Path) -> Path:
-    """A path as given when it exists (or is absolute), else relative to the project root, so
-    that `evals/demo/...` in a config works from any working directory."""
-    p = Path(path)
-    return p if p.is_absolute() or p.exists() else PROJECT_ROOT / p
-
-
-def eval_config(eval_node: Mapping[str, Any], *, device: str, test: bool = False
-                ) -> dict[str, Any]:
-    """The `eval` node as `Evaluator.from_config` takes it: the validation (or, with `test`,
-    the held-out) tasks and objectives, task paths resolved by `project_path`."""
-    tasks = eval_node.get("test_tasks" if test else "tasks") or []
-    tasks = list(tasks)
-    return {"tasks": [str(project_path(t)) for t in tasks],
-            "objectives": eval_node.get("test_objectives" if test else "objectives") or {},
-            "batch_size": eval_node.get("batch_size", 16), "device": device}
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:

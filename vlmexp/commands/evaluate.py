@@ -129,7 +129,8 @@ def build_evaluator(args: argparse.Namespace, processor: Any) -> Evaluator:
     elif args.tasks:
         cfg, base = {"tasks": args.tasks}, Path(".")
     else:  # the search config's eval group (Hydra overrides such as eval=demo)
-        from vlmexp.config import compose, eval_config, to_dict
+        from vlmexp.config import compose, to_dict
+        from vlmexp.eval.evaluator import eval_config
 
         composed = compose(getattr(args, "overrides", []) or [])
         cfg = eval_config(to_dict(composed.eval), device=getattr(args, "device", "cpu"),

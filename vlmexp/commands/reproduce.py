@@ -112,9 +112,9 @@ def _verify(info: RunInfo, result: ApplyResult, engine: MergeEngine, what: str) 
 
 def _evaluate(info: RunInfo, engine: MergeEngine) -> None:
     """Re-run the study's evaluation on the rebuilt model; print logged vs now."""
-    from vlmexp.config import eval_config
     from vlmexp.errors import EvalError
     from vlmexp.eval import Evaluator
+    from vlmexp.eval.evaluator import eval_config
     from vlmexp.search.runs import load_study_config
 
     config = load_study_config(info.tracking_uri, info.run_id)

@@ -510,3 +510,20 @@ class Evaluator:
             result.seconds[n] = spent * len(slices[n]) / sum(len(slices[m]) for m in names)
             if bar is not None:
                 bar.update(len(slices[n]))
+
+
+def eval_config(eval_node: Mapping[str, Any], *, device: str, test: bool = False
+                ) -> dict[str, Any]:
+    """The `eval` config node as `Evaluator.from_config` takes it: the validation (or, with
+    `test`, the held-out) tasks and objectives, task paths resolved by `paths.project_path`.
+
+    Example:
+        >>> eval_config({"tasks": ["evals/demo"], "objectives": {}}, device="cpu")["device"]
+        'cpu'
+    """
+    from vlmexp.paths import project_path
+
+    tasks = list(eval_node.get("test_tasks" if test else "tasks") or [])
+    return {"tasks": [str(project_path(t)) for t in tasks],
+            "objectives": eval_node.get("test_objectives" if test else "objectives") or {},
+            "batch_size": eval_node.get("batch_size", 16), "device": device}

@@ -24,9 +24,9 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
-from vlmexp.config import eval_config
 from vlmexp.errors import ConfigError, EvalError, MergeError, VlmexpError, one_line
 from vlmexp.eval import EvalResult, Evaluator
+from vlmexp.eval.evaluator import eval_config
 from vlmexp.layout import Layout, align, discover
 from vlmexp.merge.engine import MergeEngine, math_dtype_of
 from vlmexp.merge.plan import parse_bytes, plan_memory
