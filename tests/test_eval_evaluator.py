@@ -475,3 +475,41 @@ def test_a_bad_eval_config_is_one_line(tmp_path, capsys, body, message):
     assert main(["evaluate", "tiny:llava", "--eval-config", str(cfg)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_circular_eval_counts_an_item_only_when_every_rotation_is_right(tiny, tiny_processor,
+                                                                       monkeypatch):
+    """A scorer that knows the answers of the shape questions (in every rotation) and answers
+    "A" to everything else: CircularEval keeps exactly the shape items, per category too, while
+    the original order alone also credits the other items whose answer is A."""
+    from vlmexp.eval import evaluator as ev
+    from vlmexp.eval.scorer import ContinuationScore
+
+    evaluator = Evaluator.from_config({"tasks": [str(EXAMPLES / "mmbench_dev_circular.yaml")],
+                                       "batch_size": 2}, tiny_processor("llava"))
+    task = evaluator.tasks["example_mmbench_dev_circular"]
+    order = [(task.items[pos], v) for pos in evaluator.subset(task.name)
+             for v in task.variants(task.items[pos])]
+    assert len(order) > len(evaluator.subset(task.name))  # rotations were asked
+
+    def oracle(model, pairs, *, batch_size):
+        out = []
+        for _ in pairs:
+            item, variant = order.pop(0)
+            pick = variant.gold if item.category == "shape_recognition" else 0
+            out.append([ContinuationScore(0.0 if i == pick else -1.0, 1)
+                        for i in range(len(variant.answers))])
+        return out
+
+    monkeypatch.setattr(ev, "score_items", oracle)
+    result = evaluator.evaluate(tiny("llava"))
+    assert not order  # every prompt was scored once
+    items = [task.items[p] for p in evaluator.subset(task.name)]
+    shapes = sum(i.category == "shape_recognition" for i in items)
+    first_a = sum(i.category != "shape_recognition" and task.variants(i)[0].gold == 0
+                  for i in items)
+    metrics = result.metrics[task.name]
+    assert 0 < shapes < len(items) and first_a > 0
+    assert metrics["acc"] == shapes / len(items)
+    assert metrics["acc/shape_recognition"] == 1.0 and metrics["acc/attribute_recognition"] == 0
+    assert metrics["acc_vanilla"] == (shapes + first_a) / len(items)
