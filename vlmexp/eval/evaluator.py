@@ -25,6 +25,7 @@ from vlmexp.errors import EvalError
 from vlmexp.eval.prompt import image_prompt
 from vlmexp.eval.scorer import ContinuationScore, encode_choices, model_type, score_items
 from vlmexp.eval.tasks import Item, Task, Variant, load_tasks
+from vlmexp.serial import json_safe
 
 # Batches of items per `score_items` call: enough that prompts of one length fill batches of
 # their own (unpadded), few enough that the progress bar moves.
@@ -76,30 +77,9 @@ class EvalResult:
 
     def to_json(self) -> dict:
         """A JSON-ready dict (NaN margins become None)."""
-
-        def clean(x: float) -> float | None:
-            return None if isinstance(x, float) and not math.isfinite(x) else x
-
-        items = {
-            t: [{**asdict(s), "margin": clean(s.margin), "values": _plain(s.values)} for s in scores]
-            for t, scores in self.items.items()
-        }
+        items = {t: [json_safe(asdict(s)) for s in scores] for t, scores in self.items.items()}
         return {"metrics": self.metrics, "objectives": self.objectives, "tasks": self.tasks,
                 "items": items, "seconds": self.seconds}
-
-
-def _plain(value: Any) -> Any:
-    """lm-eval's per-sample values as JSON: tuples and arrays as lists, numpy numbers as
-    Python's, NaN and inf as None."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    return value
 
 
 def _argmax(values: Sequence[float]) -> int:
@@ -118,17 +98,19 @@ def _item_score(task: str, item: Item, variants: Sequence[Variant],
                      list(scores[0]), [list(s) for s in scores[1:]])
 
 
-def _category_metrics(task: Task, out: Sequence[ItemScore]) -> dict[str, float]:
-    """`acc/<category>` (the primary metric's name, then the category as the data spells it):
-    the share of right items of each category present; none for items without categories.
-    Flat keys, so that they log as MLflow metrics `<task>.acc/<category>`."""
-    groups: dict[str, list[bool]] = {}
-    for score in out:
+def _image_accuracy(task: Task, scores: Sequence[ItemScore]) -> dict[str, float]:
+    """An image task's accuracy metrics over `scores`: its primary metric (acc, recall@1), the
+    share of items answered right, and `acc/<category>` per category present (the primary
+    metric's name, then the category as the data spells it; flat keys, so that they log as
+    MLflow metrics `<task>.acc/<category>`). The one place these shares are computed."""
+    groups: dict[str | None, list[bool]] = {None: []}
+    for score in scores:
+        groups[None].append(bool(score.correct))
         category = task.items[score.index].category
         if category is not None:
-            groups.setdefault(category, []).append(score.correct)
-    return {f"{task.primary_metric}/{c}": sum(flags) / len(flags)
-            for c, flags in sorted(groups.items())}
+            groups.setdefault(category, []).append(bool(score.correct))
+    return {(task.primary_metric if c is None else f"{task.primary_metric}/{c}"):
+            sum(flags) / len(flags) for c, flags in groups.items() if flags}
 
 
 def _share_tensors(first: dict[str, torch.Tensor], prefix: dict[str, torch.Tensor]) -> None:
@@ -330,13 +312,14 @@ class Evaluator:
             if progress is not None:
                 progress.update(1)
         n = len(out)
-        metrics = {task.primary_metric: sum(s.correct for s in out) / n}
+        shares = _image_accuracy(task, out)
+        metrics = {task.primary_metric: shares.pop(task.primary_metric)}
         if task.protocol == "cloze":  # a letter's length says nothing: no normalized scores
             metrics.update(acc_norm=norm_correct / n, acc_token_mean=mean_correct / n)
         if task.circular:
             metrics["acc_vanilla"] = first_correct / n
         metrics["margin"] = sum(s.margin for s in out) / n
-        metrics.update(_category_metrics(task, out))
+        metrics.update(shares)  # per category
         return metrics, out
 
     # --- evaluation ---------------------------------------------------------------------------
@@ -473,8 +456,7 @@ class Evaluator:
                 ordered = sorted(scores, key=lambda s: s.index)  # lm-eval's order: by document
                 found = self._lmeval.aggregate(task.lm_eval_task, [s.values for s in ordered])
             else:
-                found = {task.primary_metric: sum(bool(s.correct) for s in scores) / len(scores),
-                         **_category_metrics(task, scores)}
+                found = _image_accuracy(task, scores)
             primary[name] = found[task.primary_metric]
             metrics.update({f"{name}.{m}": v for m, v in found.items()})
         return self.objective_values(primary), metrics

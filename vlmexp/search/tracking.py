@@ -69,6 +69,7 @@ from vlmexp.search.mlflow_store import (
     search_all,
     sqlite_file,
 )
+from vlmexp.serial import json_safe
 
 if TYPE_CHECKING:
     import optuna
@@ -171,21 +172,6 @@ def flatten_config(config: Mapping[str, Any]) -> dict[str, str]:
         for k, v in plain.items():
             walk(str(k), v)
     return flat
-
-
-def _json_safe(value: Any) -> Any:
-    """Non-finite floats become None (JSON has no NaN); other leaves pass or become strings."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if hasattr(value, "item"):  # numpy / torch scalars
-        return _json_safe(value.item())
-    return str(value)
 
 
 def _log_batch(client: MlflowClient, run_id: str, *, params: Mapping[str, str] | None = None,
@@ -376,7 +362,7 @@ class Tracker:
                 if record.recipe is not None:
                     self.client.log_text(run_id, record.recipe.to_yaml(), "recipe.yaml")
                 if self.log_items and record.items is not None:
-                    self.client.log_text(run_id, json.dumps(_json_safe(record.items)),
+                    self.client.log_text(run_id, json.dumps(json_safe(record.items)),
                                          "items.json")
                 self.client.set_terminated(run_id, STATUS[state])
             except Exception:
@@ -429,7 +415,7 @@ class Tracker:
                 best = [study.best_trial] if complete else []
             rows = [self._row(t, runs, names, test_results) for t in best]
             table = "pareto_front" if multi else "best"
-            self.client.log_text(parent, json.dumps(_json_safe(rows), indent=2), f"{table}.json")
+            self.client.log_text(parent, json.dumps(json_safe(rows), indent=2), f"{table}.json")
             self.client.log_text(parent, _csv(rows), f"{table}.csv")
             now = int(time.time() * 1000)
             tags: dict[str, str] = {}
