@@ -147,6 +147,43 @@ def check_image_processor(name: str) -> bool:
     return ok
 
 
+def check_smolvlm() -> bool:
+    """SmolVLM's real processor (its video processor needs torchvision) against the class
+    without its video processor, with the PIL image processor as the loader adjusts it."""
+    import torch
+    import transformers as tf
+
+    from vlmexp.processors import torch_resizing, without_video
+    from vlmexp.zoo.tiny_processors import build_processor
+
+    tokenizer = build_processor("idefics3").tokenizer  # has <image>, <fake_token_around_image>
+    settings = dict(size={"longest_edge": 1536}, max_image_size={"longest_edge": 384},
+                    resample=1, do_image_splitting=True, image_mean=[0.5] * 3,
+                    image_std=[0.5] * 3)
+    real = tf.SmolVLMProcessor(image_processor=tf.SmolVLMImageProcessor(**settings),
+                               tokenizer=tokenizer, video_processor=tf.SmolVLMVideoProcessor(),
+                               image_seq_len=64)
+    ours = without_video(tf.SmolVLMProcessor)(
+        image_processor=torch_resizing(tf.SmolVLMImageProcessorPil(**settings)),
+        tokenizer=tokenizer, video_processor=None, image_seq_len=64)
+    print(f"smolvlm: real {type(real).__name__} ({type(real.image_processor).__name__}) vs "
+          f"{type(ours).__name__} without video ({type(ours.image_processor).__name__})")
+    ok = True
+    for n, size in enumerate(SIZES):
+        image = _image(size, n)
+        a = real(images=[image], text=["<image>What is shown?"], return_tensors="pt")
+        b = ours(images=[image], text=["<image>What is shown?"], return_tensors="pt")
+        same = torch.equal(a["input_ids"], b["input_ids"])
+        diff = (float((a["pixel_values"] - b["pixel_values"]).abs().max())
+                if a["pixel_values"].shape == b["pixel_values"].shape else float("inf"))
+        good = same and diff <= TOLERANCE[0]
+        ok &= good
+        print(f"  {size[0]}x{size[1]}: input_ids {'same' if same else 'DIFFER'} "
+              f"({a['input_ids'].shape[1]} tokens), pixel_values {tuple(a['pixel_values'].shape)} "
+              f"max |diff| {diff:.2e}" + ("" if good else "   <-- FAIL"))
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tolerance", type=float, default=1e-5,
@@ -166,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     TOLERANCE[0] = args.tolerance
     results = [check(arch) for arch in ("qwen2_vl", "qwen2_5_vl")]
     results += [check_image_processor(name) for name in IMAGE_PROCESSORS]
+    results.append(check_smolvlm())
     print("all equal" if all(results) else "DIFFERENCES FOUND")
     return 0 if all(results) else 1
 

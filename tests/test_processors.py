@@ -104,3 +104,33 @@ def test_the_loader_resizes_as_torchvision_where_it_is_missing(tmp_path, tiny_pr
     processor.save_pretrained(tmp_path / "again")  # saved under the checkpoint's own class
     saved = json.loads((tmp_path / "again" / "processor_config.json").read_text())
     assert saved["image_processor"]["image_processor_type"] == "CLIPImageProcessorPil"
+
+
+def test_a_processor_class_that_needs_torchvision_for_videos_loads_without_them(tmp_path,
+                                                                                tiny_processor):
+    """SmolVLM's processor class takes a video processor, which needs torchvision: the loader
+    builds the class itself without one, so images and text go through the class's own code."""
+    from transformers import SmolVLMImageProcessorPil, SmolVLMProcessor
+
+    from vlmexp.processors import without_video
+
+    tokenizer = tiny_processor("idefics3").tokenizer
+    settings = dict(max_image_size={"longest_edge": 32}, size={"longest_edge": 64})
+    made = without_video(SmolVLMProcessor)(
+        image_processor=SmolVLMImageProcessorPil(**settings), tokenizer=tokenizer,
+        video_processor=None, image_seq_len=4, chat_template=TEMPLATE)
+    made.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "processor_config.json").read_text())
+    assert saved["processor_class"] == "SmolVLMProcessor"  # loads as the real class elsewhere
+    saved["image_seq_len"] = 4  # as the hub's SmolVLM files hold it (save_pretrained drops it)
+    (tmp_path / "processor_config.json").write_text(json.dumps(saved))
+    processor = load_processor(tmp_path)
+    assert isinstance(processor, SmolVLMProcessor) and getattr(processor, "video_processor", None) is None
+    assert processor.chat_template == TEMPLATE
+    assert type(processor.image_processor).__name__.endswith("PilTorchResize")
+    image = _noise(70, 50)
+    ours = processor(images=[image], text=["<image>What is it?"], return_tensors="pt")
+    ref = made(images=[image], text=["<image>What is it?"], return_tensors="pt")
+    assert torch.equal(ours["input_ids"], ref["input_ids"])
+    assert ours["pixel_values"].shape == ref["pixel_values"].shape
+    assert int((ours["input_ids"] == tokenizer.convert_tokens_to_ids("<image>")).sum()) > 4

@@ -324,6 +324,9 @@ def load_processor(
         from vlmexp.processors import torch_resizing
 
         torch_resizing(processor.image_processor)
+    if not getattr(processor, "chat_template", None):
+        processor.chat_template = _chat_template(folder) or getattr(
+            processor.tokenizer, "chat_template", None)
     return processor
 
 
@@ -341,17 +344,48 @@ def _image_only_processor(folder: Path, tokenizer: Any) -> Any | None:
     if not isinstance(settings, dict):
         return None
     if not str(settings.get("image_processor_type", "")).startswith("Qwen2VLImageProcessor"):
-        return None
+        return _without_video_processor(folder, settings)
     from vlmexp.processors import QwenVLImageProcessor, qwen_vl_image_processor
 
     options = {k: v for k, v in settings.items()
                if k not in ("image_processor_type", "processor_class", "auto_map")}
+    return QwenVLImageProcessor(qwen_vl_image_processor(**options), tokenizer,
+                                chat_template=_chat_template(folder))
+
+
+def _chat_template(folder: Path) -> str | None:
+    """The processor's own chat template (`chat_template.json`, else `chat_template.jinja`)."""
     template = (_read_json(folder / "chat_template.json") or {}).get("chat_template")
     jinja = folder / "chat_template.jinja"
     if template is None and jinja.is_file():
         template = jinja.read_text()
-    return QwenVLImageProcessor(qwen_vl_image_processor(**options), tokenizer,
-                                chat_template=template)
+    return template
+
+
+def _without_video_processor(folder: Path, settings: dict[str, Any]) -> Any | None:
+    """The checkpoint's own processor class built without its video processor (which needs
+    torchvision), e.g. SmolVLM's; None when the class takes no video processor."""
+    import inspect
+
+    import transformers
+
+    from vlmexp.processors import torch_resizing, without_video
+
+    name = (_read_json(folder / "processor_config.json") or {}).get("processor_class") or \
+        settings.get("processor_class")
+    cls = getattr(transformers, str(name), None) if name else None
+    if cls is None or "video_processor" not in inspect.signature(cls.__init__).parameters:
+        return None
+    try:
+        processor = without_video(cls).from_pretrained(folder, video_processor=None)
+    except Exception as err:  # noqa: BLE001 - any failure: say what could not be built
+        raise CheckpointError(f"{folder}: cannot build {name} without its video processor "
+                              f"({one_line(err)})") from err
+    torch_resizing(processor.image_processor)
+    if not getattr(processor, "chat_template", None):
+        processor.chat_template = _chat_template(folder) or getattr(
+            processor.tokenizer, "chat_template", None)
+    return processor
 
 
 def _read_json(path: Path) -> Any | None:

@@ -163,3 +163,26 @@ class QwenVLImageProcessor:
     def save_pretrained(self, path: str) -> None:
         self.tokenizer.save_pretrained(path)
         self.image_processor.save_pretrained(path)
+
+
+def without_video(cls: type) -> type:
+    """`cls` (a transformers processor class that takes a video processor, which needs
+    torchvision) made to build and load without one (pass `video_processor=None` to the
+    constructor or to `from_pretrained`): its own code for images and text, so it makes the
+    very inputs the class makes, and no videos.
+
+    Example:
+        >>> from transformers import SmolVLMProcessor
+        >>> without_video(SmolVLMProcessor).get_attributes()
+        ['image_processor', 'tokenizer']
+    """
+    return _without_video(cls)
+
+
+@cache
+def _without_video(cls: type) -> type:
+    attributes = [a for a in cls.get_attributes() if a != "video_processor"]
+    return type(cls.__name__, (cls,), {
+        "__doc__": f"{cls.__name__} without its video processor: build it and load it with "
+                   f"video_processor=None.",
+        "get_attributes": classmethod(lambda c: list(attributes))})
