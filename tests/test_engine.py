@@ -241,8 +241,6 @@ def test_fused_cpu_apply_equals_the_torch_path_bit_for_bit(monkeypatch, family, 
     # the per-tensor torch passes
     from vlmexp.merge import kernels
 
-    if kernels.numba is None:
-        pytest.skip("numba is not installed")
     weight = {"t": 0.3} if method == "slerp" else {"weight": 0.7}
     r = Recipe.from_dict({"method": method, "base": {"path": "b"},
                           "donors": [{"name": "vqa", "path": "v"}],
@@ -270,8 +268,6 @@ def test_fused_cpu_merge_checks_finite_in_its_own_pass(monkeypatch, family, meth
     # every tensor through the fused weighted sum: its NaN count is the check, no second read
     from vlmexp.merge import kernels, methods
 
-    if kernels.numba is None:
-        pytest.skip("numba is not installed")
     monkeypatch.setattr(kernels, "MIN_ELEMENTS", 1)
     bad = copy.deepcopy(family["vqa"])
     with torch.no_grad():
@@ -306,8 +302,6 @@ def test_fused_ties_apply_is_one_launch_near_the_torch_path(monkeypatch, family,
     from vlmexp.merge import engine as engine_mod
     from vlmexp.merge import kernels, methods
 
-    if kernels.numba is None:
-        pytest.skip("numba is not installed")
     r = Recipe.from_dict({"method": "ties", "base": {"path": "b"},
                           "donors": [{"name": "vqa", "path": "v"}, {"name": "text", "path": "t"}],
                           "components": {"language": {"vqa": {"weight": 0.7, "density": 0.5},
@@ -371,8 +365,6 @@ def test_an_fp16_merge_that_overflows_fp16_names_the_tensor_and_resets(monkeypat
     from vlmexp.merge import kernels
 
     if path == "queued":
-        if kernels.numba is None:
-            pytest.skip("numba is not installed")
         monkeypatch.setattr(kernels, "MIN_ELEMENTS", 1)
     deferred = path == "deferred"
     base = copy.deepcopy(family["base"]).half()
@@ -415,8 +407,6 @@ def test_a_bf16_or_fp16_model_merges_in_its_dtype_in_one_launch(monkeypatch, fam
     # apply, the torch path's bits (TIES: its float32 results differ by an ulp at most)
     from vlmexp.merge import kernels
 
-    if kernels.numba is None:
-        pytest.skip("numba is not installed")
     donors = {"vqa": family["vqa"]} if method == "slerp" else {"vqa": family["vqa"],
                                                                "text": family["text"]}
     engine = MergeEngine(copy.deepcopy(family["base"]).to(dtype),

@@ -9,8 +9,6 @@ import torch
 
 from vlmexp.merge import kernels
 
-pytestmark = pytest.mark.skipif(kernels.numba is None, reason="numba is not installed")
-
 NARROW = [torch.bfloat16, torch.float16]
 
 

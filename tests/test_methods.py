@@ -437,8 +437,6 @@ def test_fused_kernel_equals_the_torch_path(monkeypatch, method, donor_params, p
     elementwise torch path (which GPUs use) on the same inputs and masks."""
     from vlmexp.merge import kernels, methods
 
-    if kernels.numba is None:
-        pytest.skip("numba is not installed")
     g = torch.Generator().manual_seed(0)
     n = kernels.MIN_ELEMENTS * 3 + 5
     base = torch.randn(n, generator=g)
@@ -458,8 +456,6 @@ def test_fused_kernel_equals_the_torch_path(monkeypatch, method, donor_params, p
 def test_non_finite_values_are_reported_on_the_fused_path():
     from vlmexp.merge import kernels
 
-    if kernels.numba is None:
-        pytest.skip("numba is not installed")
     n = kernels.MIN_ELEMENTS
     deltas = [torch.zeros(n), torch.zeros(n)]
     deltas[1][7] = float("inf")
@@ -486,8 +482,6 @@ def test_fused_weighted_sum_equals_float64_and_the_torch_path(monkeypatch, metho
     counts the non-finite values itself (no second read of the result)."""
     from vlmexp.merge import kernels, methods
 
-    if kernels.numba is None:
-        pytest.skip("numba is not installed")
     calls = []
     run = kernels.Queue.run
     monkeypatch.setattr(kernels.Queue, "run", lambda self: calls.append(1) or run(self))
@@ -527,8 +521,6 @@ def test_fused_weighted_sum_equals_float64_and_the_torch_path(monkeypatch, metho
 def test_fused_slerp_equals_float64_and_the_torch_path(monkeypatch, t):
     from vlmexp.merge import kernels
 
-    if kernels.numba is None:
-        pytest.skip("numba is not installed")
     g = torch.Generator().manual_seed(5)
     n = kernels.MIN_ELEMENTS + 9
     base = torch.randn(n, generator=g)
@@ -543,8 +535,6 @@ def test_fused_slerp_equals_float64_and_the_torch_path(monkeypatch, t):
 def test_fused_weighted_sum_counts_nan_and_inf_exactly(monkeypatch):
     from vlmexp.merge import kernels
 
-    if kernels.numba is None:
-        pytest.skip("numba is not installed")
     n = kernels.MIN_ELEMENTS + 3
     big = torch.full((n,), 3e38)  # finite entries whose float32 sum overflows: not an error
     assert merge_tensor("task_arithmetic", big, [torch.zeros(n)], [{"weight": 1.0}], {},
@@ -568,8 +558,6 @@ def test_queued_weighted_sums_equal_one_by_one_and_count_per_sum():
     # one launch for sums of several sizes, alignments and donor counts
     from vlmexp.merge import kernels
 
-    if kernels.numba is None:
-        pytest.skip("numba is not installed")
     g = torch.Generator().manual_seed(11)
     sums, expected, outs = kernels.Queue(), [], []
     for i, (n, n_donors) in enumerate([(kernels.MIN_ELEMENTS, 2), (5, 2), (40_003, 1),
@@ -607,8 +595,6 @@ def test_queued_sign_merges_equal_one_by_one_and_the_torch_path():
     # float32 rounding, methods.task_arithmetic's chunked torch path; NaN counted per merge
     from vlmexp.merge import kernels, methods
 
-    if kernels.numba is None:
-        pytest.skip("numba is not installed")
     g = torch.Generator().manual_seed(5)
     queue, outs, alone, want = kernels.Queue(), [], [], []
     for i, (n, n_donors, masked, consensus, normalize, lam) in enumerate(_SIGN_JOBS):
@@ -682,8 +668,6 @@ def test_stored_bf16_and_fp16_merge_as_float32_cast(monkeypatch, method, donor_p
     torch path also with the bits of the float32 torch path cast."""
     from vlmexp.merge import kernels
 
-    if kernels.numba is None:
-        pytest.skip("numba is not installed")
     g = torch.Generator().manual_seed(1)
     n = kernels.MIN_ELEMENTS * 2 + 11
     base = torch.randn(n, generator=g).to(dtype)
@@ -726,8 +710,6 @@ def test_a_stored_fp16_merge_that_overflows_fp16_says_so(monkeypatch, method):
     # error says it overflows (with the float32 value), not that the math made a NaN
     from vlmexp.merge import kernels
 
-    if kernels.numba is None:
-        pytest.skip("numba is not installed")
     runs = []
     run = kernels.Queue.run
     monkeypatch.setattr(kernels.Queue, "run", lambda self: runs.append(len(self)) or run(self))
@@ -758,8 +740,6 @@ def test_fused_kernels_may_be_called_from_several_threads():
 
     from vlmexp.merge import kernels
 
-    if kernels.numba is None:
-        pytest.skip("numba is not installed")
     n = kernels.MIN_ELEMENTS
     base, delta = torch.randn(n), torch.randn(n)
 

@@ -182,6 +182,7 @@ class MergeEngine:
         self.reach: dict[str, dict[str, int]] = {}  # donor -> component -> tensors it changes
         self._input_digests: dict[str, str] = {}
         self._dirty: set[str] = set()
+        self._fixed_prints: dict[str, Fingerprint] | None = None  # see fingerprints()
         self.masks = _MaskCache(mask_cache_bytes)
         self._memo: dict[tuple[str, ...], dict[str, Any]] = {}  # per (tensor, donors) statistics
         for name, donor in (donors or {}).items():
@@ -482,8 +483,16 @@ class MergeEngine:
         Unlike the digest, these agree across devices and dtypes within
         `fingerprint.TOLERANCE`: `reproduce` compares them where the digest differs.
         """
-        return fingerprints((info.component, self._params[name].detach())
-                            for name, info in self.layout.params.items())
+        if self._fixed_prints is None:  # components no recipe may change: read once
+            self._fixed_prints = fingerprints(
+                (info.component, self._params[name].detach())
+                for name, info in self.layout.params.items()
+                if info.component not in self.components)
+        changed = fingerprints((info.component, self._params[name].detach())
+                               for name, info in self.layout.params.items()
+                               if info.component in self.components)
+        return {c: ({**self._fixed_prints, **changed})[c] for c in COMPONENTS
+                if c in self._fixed_prints or c in changed}
 
     def _check_recipe(self, recipe: Recipe) -> None:
         missing = [d for d in recipe.donor_names if d not in self.task_vectors]
