@@ -12,7 +12,8 @@ It prints, from this one run:
    the two agree within `merge.fingerprint.TOLERANCE` (what `reproduce` accepts where the exact
    digest differs), and whether the weights digest is repeatable on cuda (same recipe after
    another one in between);
-2. that a non-finite merged tensor is refused on cuda, naming the tensor;
+2. that a non-finite merged tensor is refused on cuda, naming the tensor; and, for bf16
+   models with task vectors and base copies in pinned host memory, the same agreement;
 3. the masks themselves: the counter stream's bits, DARE and DELLA masks and magnitude top-k
    masks from a cached histogram, cuda against cpu, bit for bit;
 4. with `--zoo`, the demo zoo's colour/shape validation task scored on cuda and on cpu: accuracy
@@ -122,6 +123,30 @@ def merge_checks() -> None:
     check(eng.weights_digest() == before, "model reset to the base after the refusal")
 
 
+def placement_checks() -> None:
+    """bf16 models, task vectors and base copies in the host's pinned memory (the plan's
+    placement when the GPU is short): the GPU's multi-tensor path against the CPU kernels."""
+    from vlmexp.merge.engine import MergeEngine
+    from vlmexp.merge.fingerprint import compare, tolerance_for
+    from vlmexp.zoo.tiny import llava_family
+
+    print("1b. bf16, task vectors and base copies on the host, cuda against cpu")
+    fam = {k: v.to(torch.bfloat16) for k, v in llava_family().items()}
+    donors = {"vqa": fam["vqa"], "text": fam["text"]}
+    cpu = MergeEngine(copy.deepcopy(fam["base"]), copy.deepcopy(donors), device="cpu",
+                      progress=False)
+    host = MergeEngine(copy.deepcopy(fam["base"]), copy.deepcopy(donors), device=DEVICE,
+                       progress=False, vectors_on="host", pristine_on="host")
+    pinned = all(t.is_pinned() for tvs in host.task_vectors.values() for t in tvs.values())
+    check(pinned or DEVICE == "cpu", "task vectors in pinned host memory")
+    for name in ("task_arithmetic", "linear", "slerp", "ties", "dare_ties"):
+        recipe = method_recipe(name)
+        rc, rg = cpu.apply(recipe), host.apply(recipe)
+        prints = compare(rc.fingerprints, rg.fingerprints, tolerance=tolerance_for([
+            torch.bfloat16]))
+        check(prints.agree, f"{name:<18} bf16 from the host: {prints.why}")
+
+
 def mask_checks() -> None:
     from vlmexp.merge import sparsify as sp
 
@@ -190,6 +215,7 @@ def main() -> int:
     print(f"torch {torch.__version__}, "
           f"{torch.cuda.get_device_name() if DEVICE == 'cuda' else DEVICE}")
     merge_checks()
+    placement_checks()
     mask_checks()
     if args.zoo:
         zoo_checks(args.zoo)

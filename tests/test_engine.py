@@ -9,6 +9,7 @@ import torch
 
 from vlmexp.errors import MergeError, RecipeError
 from vlmexp.merge.engine import MergeEngine
+from vlmexp.merge.fingerprint import compare, tolerance_for
 from vlmexp.merge.recipe import Recipe
 from vlmexp.zoo.tiny import llava_family
 
@@ -411,10 +412,10 @@ def test_a_bf16_or_fp16_model_merges_in_its_dtype_in_one_launch(monkeypatch, fam
                                                                "text": family["text"]}
     engine = MergeEngine(copy.deepcopy(family["base"]).to(dtype),
                          {k: copy.deepcopy(v).to(dtype) for k, v in donors.items()},
-                         progress=False)
-    if vectors == "model":
-        engine.task_vectors = {d: {k: v.to(dtype) for k, v in tvs.items()}
-                               for d, tvs in engine.task_vectors.items()}
+                         progress=False,
+                         vector_dtype=torch.float32 if vectors == "float32" else None)
+    assert {tv.dtype for tvs in engine.task_vectors.values() for tv in tvs.values()} == {
+        torch.float32 if vectors == "float32" else dtype}
     weight = ({"t": 0.3} if method == "slerp" else
               {"weight": 0.7, "density": 0.5} if method == "ties" else {"weight": 0.7})
     components = {c: {"vqa": weight} for c in ("vision", "projector", "language")}
@@ -525,3 +526,79 @@ def test_an_engine_for_some_components_keeps_copies_of_those_only(family, engine
     lean.reset()
     engine.reset()
     assert lean.weights_digest() == engine.weights_digest()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear", "slerp", "ties"])
+def test_the_gpu_engine_path_runs_here_and_agrees_with_the_cpu_kernels(monkeypatch, family,
+                                                                       dtype, method):
+    # The GPU path (multi-tensor torch ops, deferred finite checks, task vectors and base
+    # copies on the host, copied in per tensor) run on the CPU: weighted sums in a few grouped
+    # launches per apply, the CPU kernels' result within an ulp of the dtype per donor term
+    from vlmexp.merge import kernels
+
+    donors = {"vqa": family["vqa"], "text": family["text"]}
+    base = copy.deepcopy(family["base"]).to(dtype)
+    cpu = MergeEngine(copy.deepcopy(base), {k: copy.deepcopy(v).to(dtype)
+                                            for k, v in donors.items()}, progress=False)
+    gpu_like = MergeEngine(base, {k: copy.deepcopy(v).to(dtype) for k, v in donors.items()},
+                           progress=False, fused="foreach", vectors_on="host",
+                           pristine_on="host")
+    gpu_like._defer_checks = True
+    weight = ({"t": 0.3} if method == "slerp" else
+              {"weight": 0.7, "density": 0.5} if method == "ties" else {"weight": 0.7})
+    components = {c: {"vqa": weight} for c in ("vision", "projector", "language")}
+    if method != "slerp":
+        components["language"]["text"] = {**weight, "weight": [0.2, 0.9]}  # a depth schedule
+    r = Recipe.from_dict({"method": method, "base": {"path": "b"},
+                          "donors": [{"name": d, "path": d} for d in
+                                     (["vqa"] if method == "slerp" else donors)],
+                          "components": components})
+    runs, groups = [], []
+    run = kernels.ForeachQueue.run
+    add = torch._foreach_add_
+    monkeypatch.setattr(kernels.ForeachQueue, "run",
+                        lambda self: runs.append(len(self)) or run(self))
+    monkeypatch.setattr(torch, "_foreach_add_", lambda outs, *a, **k: (
+        groups.append(len(outs)) or add(outs, *a, **k)))
+    result = gpu_like.apply(r)
+    expected = cpu.apply(r)
+    if method == "ties":  # sign merges take the chunked torch path there
+        assert runs == []
+    else:
+        assert runs == [result.merged]  # every merged tensor queued, run once
+        assert len(groups) < result.merged  # grouped launches, not one per tensor
+        # float32 math rounded once, as the CPU kernels: here, the same bits
+        assert result.weights_digest == expected.weights_digest
+    ulp = {torch.float32: 2.0 ** -22, torch.bfloat16: 2.0 ** -6}[dtype]
+    for name, value in gpu_like.state_dict_view().items():
+        other = cpu.state_dict_view()[name]
+        assert value.dtype == dtype
+        gap = (value.double() - other.double()).abs()
+        # a narrow dtype rounds after each donor's term (of values up to base + Σ|δ| in size)
+        scale = other.double().abs() + cpu._base.get(name, other).double().abs() + sum(
+            tvs[name].double().abs() for tvs in cpu.task_vectors.values() if name in tvs)
+        assert (gap <= ulp * scale + 1e-30).all(), name
+    # what `reproduce` on another device checks: fingerprints within the dtype's tolerance
+    check = compare(expected.fingerprints, result.fingerprints, tolerance=tolerance_for([dtype]))
+    assert check.agree, check.why
+    cpu.reset()
+    gpu_like.reset()  # base copies from the host
+    assert gpu_like.weights_digest() == cpu.weights_digest()
+
+
+def test_the_gpu_engine_path_names_a_non_finite_tensor_and_resets(family):
+    bad = copy.deepcopy(family["vqa"])
+    with torch.no_grad():
+        bad.model.language_model.layers[1].mlp.up_proj.weight[2, 3] = float("nan")
+    engine = MergeEngine(copy.deepcopy(family["base"]), {"vqa": bad}, progress=False,
+                         fused="foreach", vectors_on="host", pristine_on="host")
+    engine._defer_checks = True
+    before = engine.weights_digest()
+    r = Recipe.from_dict({"method": "task_arithmetic", "base": {"path": "b"},
+                          "donors": [{"name": "vqa", "path": "v"}],
+                          "components": {"language": {"vqa": {"weight": 0.5}},
+                                         "vision": {"vqa": {"weight": 0.5}}}})
+    with pytest.raises(MergeError, match=r"layers\.1\.mlp\.up_proj\.weight: 1 merged values"):
+        engine.apply(r)
+    assert engine.weights_digest() == before

@@ -90,3 +90,74 @@ def test_a_search_that_cannot_fit_is_refused_before_loading(folders, tmp_path, m
     assert len(err) == 1 and err[0].startswith("vlmexp search: error: memory plan: the merge "
                                                "engine needs")
     assert not (tmp_path / "m.db").exists()
+
+
+def test_a_gpu_plan_moves_task_vectors_then_base_copies_to_the_host(folders):
+    base = model_skeleton(folders["base"])
+    layout = discover(base)
+    reach = {d: align(base, model_skeleton(folders[d])).reach(layout) for d in ("vqa", "text")}
+    whole = plan_memory(layout, reach, {"language"}, device="cuda", free_bytes=10**12,
+                        host_free_bytes=10**12)
+    vectors = sum(whole.task_vector_bytes.values())
+    assert (whole.vectors_on, whole.pristine_on) == ("device", "device")
+    assert whole.device_bytes == whole.held_bytes and whole.host_bytes == whole.largest_donor_bytes
+
+    def plan(free: int, **kw):
+        return plan_memory(layout, reach, {"language"}, device="cuda", free_bytes=free,
+                           host_free_bytes=10**12, **kw)
+
+    short = plan(whole.held_bytes - 1)  # the task vectors go to the host first
+    assert (short.vectors_on, short.pristine_on) == ("host", "device")
+    assert short.device_bytes == whole.held_bytes - vectors
+    shorter = plan(whole.model_bytes + 1)  # then the base copies too
+    assert (shorter.vectors_on, shorter.pristine_on) == ("host", "host")
+    assert shorter.device_bytes == whole.model_bytes
+    assert shorter.host_bytes == whole.held_bytes - whole.model_bytes + whole.largest_donor_bytes
+    shorter.check()
+    with pytest.raises(ConfigError, match=r"needs .* on cuda \(model"):
+        plan(whole.model_bytes - 1).check()  # not even the live model fits
+    forced = plan(10**12, placement="host")
+    assert (forced.vectors_on, forced.pristine_on) == ("host", "host")
+    with pytest.raises(ConfigError, match="of host memory beside cuda"):
+        plan_memory(layout, reach, {"language"}, device="cuda", free_bytes=10**12,
+                    host_free_bytes=1000, placement="host").check()
+    with pytest.raises(ConfigError, match="memory_placement: host cannot change anything on "
+                                          "the CPU"):
+        plan_memory(layout, reach, {"language"}, device="cpu", free_bytes=10**12,
+                    placement="host")
+    assert "task vector vqa" in shorter.describe() and "host" in shorter.describe()
+
+
+def test_a_streamed_donor_plans_its_largest_tensor_not_the_whole_model(folders, tmp_path):
+    from vlmexp.merge.plan import SLAB_ELEMENTS, donor_reading_bytes
+    from vlmexp.streamed import open_streamed
+
+    streamed, _ = open_streamed(folders["vqa"])
+    largest = max(t.nbytes for t in streamed.tensors.values())
+    numel = largest // 2  # bf16
+    assert donor_reading_bytes(folders["vqa"]) == largest + 12 * min(numel, SLAB_ELEMENTS)
+    whole = sum(p.numel() * p.element_size() for p in model_skeleton(folders["vqa"]).parameters())
+    # one transformers must open (here: stored in another dtype than its config's) counts whole
+    import shutil
+
+    cast = tmp_path / "cast"
+    shutil.copytree(folders["vqa"], cast)
+    cfg = json.loads((cast / "config.json").read_text())
+    cfg["dtype"] = "float32"
+    for sub in ("text_config", "vision_config"):
+        if isinstance(cfg.get(sub), dict):
+            cfg[sub]["dtype"] = "float32"
+    (cast / "config.json").write_text(json.dumps(cfg))
+    assert open_streamed(cast)[0] is None
+    assert donor_reading_bytes(str(cast)) == 2 * whole  # float32 of a bf16 model
+
+
+def test_inspect_plans_for_a_gpu_this_machine_lacks(folders, capsys):
+    assert main(["inspect", folders["base"], folders["vqa"], folders["text"], "--plan",
+                 "--components", "language", "--device", "cuda", "--memory-budget", "80GB",
+                 "--host-memory", "64GB", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["vectors_on"] == "device" and out["free_bytes"] == 80 * 10**9
+    assert out["host_free_bytes"] == 64 * 10**9
+    assert main(["inspect", folders["base"], folders["vqa"], "--placement", "host"]) == 2
+    assert "--placement goes with --plan" in capsys.readouterr().err

@@ -479,7 +479,7 @@ def weights_sha256(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor])
         digest.update(f"{name}\0{dtype}\0{tuple(tensor.shape)}\0".encode())
         data = tensor.to("cpu").contiguous().reshape(-1)
         # Reinterpreting as bytes works for every dtype, bf16 and fp8 included (numpy has neither).
-        digest.update(data.view(torch.uint8).numpy().tobytes())
+        digest.update(data.view(torch.uint8).numpy())  # the buffer itself, no copy
     return digest.hexdigest()
 
 

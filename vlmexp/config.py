@@ -110,6 +110,7 @@ class SearchConfig:
     device: str = "auto"
     threads: int | None = None  # torch threads (None: torch's default)
     memory_budget: str | None = None  # what the merge engine may use, e.g. 20GiB (None: free now)
+    memory_placement: str = "auto"  # GPU: where task vectors and base copies live (merge.plan)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     space: SpaceConfig = field(default_factory=SpaceConfig)

@@ -46,7 +46,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="with --plan: the merge device (default auto)")
     p.add_argument("--memory-budget", default=None, metavar="SIZE",
                    help="with --plan: the memory the engine may use, e.g. 80GB (default: what "
-                        "is free on the device now)")
+                        "is free on the device now); with it, --device cuda plans for a GPU "
+                        "this machine does not have")
+    p.add_argument("--placement", default=None, choices=("auto", "device", "host"),
+                   help="with --plan on a GPU: where task vectors and base copies live (default "
+                        "auto: the device while they fit, else the host)")
+    p.add_argument("--host-memory", default=None, metavar="SIZE",
+                   help="with --plan on a GPU: the host memory free beside it (default: this "
+                        "machine's)")
     add_model_flags(p)
     p.set_defaults(run=run)
 
@@ -116,7 +123,7 @@ def format_layout(spec: str, layout: Layout) -> str:
 def run(args: argparse.Namespace) -> int:
     from vlmexp.config import check_device
 
-    if args.device is not None:
+    if args.device is not None and not (args.plan and args.memory_budget is not None):
         check_device(args.device, key="--device")
     from vlmexp.layout import VOCAB_POLICIES, align, discover
 
@@ -124,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--vocab: {args.vocab!r} is not one of {', '.join(VOCAB_POLICIES)}")
     if args.plan:
         return _plan(args)
-    for flag in ("components", "memory_budget"):
+    for flag in ("components", "memory_budget", "placement", "host_memory"):
         if getattr(args, flag) is not None:
             raise ConfigError(f"--{flag.replace('_', '-')} goes with --plan")
 
@@ -157,7 +164,7 @@ def _plan(args: argparse.Namespace) -> int:
     """The memory plan of merging the donors into MODEL, from configs alone."""
     from vlmexp.checkpoint import model_skeleton, resolve_device
     from vlmexp.layout import COMPONENTS, align, discover
-    from vlmexp.merge.plan import parse_bytes, plan_memory
+    from vlmexp.merge.plan import donor_reading_bytes, parse_bytes, plan_memory
 
     if not args.others:
         raise ConfigError("--plan needs at least one DONOR")
@@ -173,19 +180,27 @@ def _plan(args: argparse.Namespace) -> int:
     reach, sizes = {}, {}
     for spec in args.others:
         donor = model_skeleton(spec, **opts)
-        sizes[spec] = sum(p.numel() * p.element_size() for p in donor.parameters())
+        sizes[spec] = donor_reading_bytes(spec, allow_pickle=args.allow_pickle, **opts)
         reach[spec] = align(base, donor, vocab=args.vocab).reach(layout)
-    device = resolve_device(args.device)
+    if args.memory_budget is not None and args.device.startswith("cuda"):
+        device = args.device  # a GPU elsewhere: its memory is the budget given
+    else:
+        device = resolve_device(args.device)
     budget = None if args.memory_budget is None else parse_bytes(args.memory_budget)
+    host = None if args.host_memory is None else parse_bytes(args.host_memory)
     plan = plan_memory(layout, reach, components, device=device, donor_bytes=sizes,
-                       free_bytes=budget)
+                       free_bytes=budget, placement=args.placement or "auto",
+                       host_free_bytes=host)
     if args.json:
         print(json.dumps({"device": plan.device, "model_bytes": plan.model_bytes,
                           "pristine_bytes": plan.pristine_bytes,
                           "task_vector_bytes": plan.task_vector_bytes,
                           "largest_donor_bytes": plan.largest_donor_bytes,
                           "held_bytes": plan.held_bytes, "peak_bytes": plan.peak_bytes,
-                          "free_bytes": plan.free_bytes}, indent=2))
+                          "vectors_on": plan.vectors_on, "pristine_on": plan.pristine_on,
+                          "device_bytes": plan.device_bytes, "host_bytes": plan.host_bytes,
+                          "free_bytes": plan.free_bytes,
+                          "host_free_bytes": plan.host_free_bytes}, indent=2))
     else:
         print(plan.describe())
     plan.check()

@@ -45,13 +45,17 @@ from vlmexp.errors import MergeError, RecipeError
 from vlmexp.layout import COMPONENTS, Alignment, Layout, ParamInfo, align, discover, inert
 from vlmexp.merge import kernels, methods, sparsify
 from vlmexp.merge.fingerprint import Fingerprint, fingerprints
+from vlmexp.merge.plan import SLAB_ELEMENTS
 from vlmexp.merge.recipe import ModelRef, Recipe
+from vlmexp.streamed import TRIM_EVERY, StreamedModel, open_streamed, release_freed_memory
 
 if TYPE_CHECKING:
     from vlmexp.checkpoint import ResolvedModel
 
 # masks held for queued merges before the queue is run early (those the cache cannot hold)
 _QUEUED_MASK_BYTES = 256 << 20
+# float32 elements a task vector is computed in at a time (64 MiB of temporaries each)
+_SLAB_ELEMENTS = SLAB_ELEMENTS
 _DTYPES = {"float32": torch.float32, "float64": torch.float64,
            "bfloat16": torch.bfloat16, "float16": torch.float16}
 DIGEST_SCHEME = "isum2"
@@ -131,13 +135,22 @@ class MergeEngine:
         device: where the live model and task vectors live; default cuda when available.
         vocab: vocabulary-size policy for donors ("error" or "common_rows", see `layout.align`).
         maps: donor name → expected alignment kind ("same" / "llm_to_vlm"); "auto" accepts any.
-        math_dtype: dtype of the stored task vectors (the recipe's math dtype by default).
+        math_dtype: the math dtype of the recipes this engine applies (a recipe says its own).
+        vector_dtype: the dtype task vectors are stored in; None: each base tensor's own (a
+            bf16 model's task vectors take half the bytes of float32 ones; the kernels do
+            their math in float32 either way).
         mask_cache_bytes: memory budget for cached sparsification masks and their rankings.
         progress: show a progress bar while loading donors.
         components: the components a recipe may change (None: all). Pristine base copies and
             task vectors are kept only for their tensors, which is most of the engine's memory
             when a search leaves part of the model alone (e.g. the vision tower); a recipe
             that changes another component is a RecipeError.
+        vectors_on, pristine_on: "device" or "host": where task vectors and base copies live
+            (`merge.plan` chooses). On the host (pinned memory beside a GPU) each apply copies
+            a tensor's inputs to the device as it merges.
+        fused: how weighted sums are batched: "auto" (numba kernels on the CPU, multi-tensor
+            torch ops elsewhere) or "foreach" (multi-tensor torch ops on any device: the GPU
+            path, which the CPU tests run this way).
     """
 
     def __init__(
@@ -152,31 +165,46 @@ class MergeEngine:
         mask_cache_bytes: int = 2 << 30,
         progress: bool = True,
         components: Collection[str] | None = None,
+        vector_dtype: torch.dtype | None = None,
+        vectors_on: str = "device",
+        pristine_on: str = "device",
+        fused: str = "auto",
     ) -> None:
         from vlmexp.checkpoint import resolve_device
 
         self.device = resolve_device(device)
         # see apply: a GPU's finite checks are read back once per apply, not once per tensor
         self._defer_checks = not self.device.startswith("cpu")
+        if fused not in ("auto", "foreach"):
+            raise MergeError(f"fused: {fused!r}; choose auto or foreach")
+        self._foreach = fused == "foreach" or self._defer_checks
+        self._fetched_bytes = 0  # host inputs copied to the device for queued merges
         self._pending: list[tuple[str, torch.Tensor]] | None = None
         self._queue: kernels.Queue | None = None  # an apply's queued fused merges
         self._queued: list[str] = []  # the tensors of self._queue's jobs, in order
         self.vocab = vocab
         self.math_dtype = math_dtype
+        self.vector_dtype = vector_dtype
         # "base" or a donor's name → where it was opened from (folder, hub commit), when opened
         self.sources: dict[str, ResolvedModel] = {}
         loaded = _as_loaded(base, self.device)
         if getattr(loaded, "source", None) is not None:
             self.sources["base"] = loaded.source
         self.model: torch.nn.Module = loaded.model.to(self.device)
+        self.model_device = next(self.model.parameters()).device
         self.processor = getattr(loaded, "processor", None)
         self.layout: Layout = discover(self.model)
         self._params: dict[str, torch.nn.Parameter] = dict(self.model.named_parameters())
         self.components = tuple(c for c in COMPONENTS if components is None or c in components)
+        for key, where in (("vectors_on", vectors_on), ("pristine_on", pristine_on)):
+            if where not in ("device", "host"):
+                raise MergeError(f"{key}: {where!r}; choose device or host")
+        self._vector_home = self.device if vectors_on == "device" else "cpu"
+        self._pinned = self.device.startswith("cuda")  # host tensors pinned for async copies
         # pristine copies of what a recipe may change; every other tensor stays the base's
         self._base: dict[str, torch.Tensor] = {
-            name: self._params[name].detach().clone() for name, info in self.layout.params.items()
-            if info.component in self.components
+            name: self._keep(self._params[name].detach(), pristine_on)
+            for name, info in self.layout.params.items() if info.component in self.components
         }
         self.task_vectors: dict[str, dict[str, torch.Tensor]] = {}
         self.reach: dict[str, dict[str, int]] = {}  # donor -> component -> tensors it changes
@@ -205,46 +233,100 @@ class MergeEngine:
         engine = cls(base, device=dev, vocab=recipe.vocab, math_dtype=math_dtype_of(recipe.dtype),
                      progress=progress, components={*recipe.components, *recipe.take})
         for ref in recipe.donors:
-            donor = open_model(ref.path, revision=ref.revision, load_processor=False, **opts)
-            engine.add_donor(ref.name, donor, map=ref.map, progress=progress)
+            engine.add_donor(ref.name, ref.path, revision=ref.revision, map=ref.map,
+                             progress=progress, **opts)
         if check_digests:
             engine.check_digests(recipe)
         return engine
 
-    def add_donor(self, name: str, donor: Any, *, map: str = "auto",
-                  progress: bool = True) -> Alignment:
-        """Align `donor` with the base and keep its task vector under `name`."""
+    def add_donor(self, name: str, donor: Any, *, map: str = "auto", progress: bool = True,
+                  revision: str | None = None, trust_remote_code: bool = False,
+                  allow_pickle: bool = False) -> Alignment:
+        """Align `donor` with the base and keep its task vector under `name`.
+
+        `donor`: an `nn.Module`, a `LoadedModel`, a `StreamedModel`, or a folder / hub id /
+        `ModelRef`, which is read tensor by tensor where it can be (`streamed.open_streamed`), so
+        that the whole donor is never held (`revision`, `trust_remote_code`, `allow_pickle` go to
+        the opening). Each task vector is donor − base in float32, stored in the base tensor's
+        own dtype, or `vector_dtype` when the engine was given one.
+        """
         if name == "base" or name in self.task_vectors:
             raise MergeError(f"donor name {name!r} is reserved or already loaded")
-        loaded = _as_loaded(donor, "cpu")
-        donor_model = loaded.model
-        if getattr(loaded, "source", None) is not None:
-            self.sources[name] = loaded.source
+        opened = _open_donor(donor, revision=revision, trust_remote_code=trust_remote_code,
+                             allow_pickle=allow_pickle)
+        if isinstance(opened, StreamedModel):
+            donor_model, read = opened.model, opened.read
+            self.sources[name] = opened.source
+        else:
+            donor_model = opened.model
+            if getattr(opened, "source", None) is not None:
+                self.sources[name] = opened.source
+            donor_params = dict(donor_model.named_parameters())
+
+            def read(donor_name: str) -> torch.Tensor:
+                return donor_params[donor_name].detach()
+
         alignment = align(self.model, donor_model, vocab=self.vocab)
         if map != "auto" and alignment.kind != map:
             raise MergeError(f"donor {name!r}: expected a {map} donor, but it aligns as "
                              f"{alignment.kind}")
-        donor_params = dict(donor_model.named_parameters())
         vectors: dict[str, torch.Tensor] = {}
         items = [(b, d) for b, d in alignment.mapping.items() if b in self._base]
+        since_trim = 0
         for base_name, donor_name in tqdm(items, desc=f"task vector {name}", unit="tensor",
                                           disable=not progress, leave=False):
-            src = donor_params[donor_name].detach()
-            base_t = self._base[base_name]
-            rows = alignment.rows.get(base_name)
-            if rows is None:
-                tv = src.to(self.device, self.math_dtype) - base_t.to(self.math_dtype)
-            else:
-                tv = torch.zeros(base_t.shape, dtype=self.math_dtype, device=self.device)
-                tv[:rows] = src[:rows].to(self.device, self.math_dtype) - base_t[:rows].to(
-                    self.math_dtype)
-            vectors[base_name] = tv
+            vectors[base_name] = self._task_vector(base_name, read(donor_name),
+                                                   alignment.rows.get(base_name))
+            since_trim += vectors[base_name].nbytes
+            if since_trim >= TRIM_EVERY:  # what was read and freed, back to the system
+                release_freed_memory()
+                since_trim = 0
         self.task_vectors[name] = vectors
         self.reach[name] = alignment.reach(self.layout)
-        from vlmexp.checkpoint import weights_sha256
+        if isinstance(opened, StreamedModel):
+            self._input_digests[name] = opened.weights_sha256()
+        else:
+            from vlmexp.checkpoint import weights_sha256
 
-        self._input_digests[name] = weights_sha256(donor_model)
+            self._input_digests[name] = weights_sha256(donor_model)
+        del opened, donor_model, read
+        release_freed_memory()
         return alignment
+
+    def _task_vector(self, name: str, donor: torch.Tensor, rows: int | None) -> torch.Tensor:
+        """donor − base of tensor `name` (the first `rows` rows only, the rest 0), in float32,
+        stored in the base tensor's dtype or the engine's `vector_dtype`, where task vectors
+        live. Computed a slab of rows at a time, so that the float32 temporaries stay small
+        beside a large tensor (an embedding of 150k rows)."""
+        base = self._base[name]
+        dtype = self.vector_dtype or base.dtype
+        wide = torch.promote_types(base.dtype, torch.float32)
+        tv = torch.zeros(base.shape, dtype=dtype, device=self._vector_home,
+                         pin_memory=self._pinned and self._vector_home == "cpu")
+        rows = base.shape[0] if rows is None else rows
+        if base.dim() == 0:
+            tv.copy_(donor.to(wide) - base.to(wide))
+            return tv
+        per_row = max(base[0].numel(), 1)
+        step = max(1, _SLAB_ELEMENTS // per_row)
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            diff = donor[start:stop].to(self.device, wide, copy=True)  # one temporary per slab
+            diff.sub_(base[start:stop].to(self.device))
+            tv[start:stop].copy_(diff)
+        return tv
+
+    def _keep(self, t: torch.Tensor, where: str) -> torch.Tensor:
+        """A copy of `t` on the device or the host (pinned beside a GPU)."""
+        if where == "device":
+            return t.clone()
+        return t.to("cpu", copy=True).pin_memory() if self._pinned else t.to("cpu", copy=True)
+
+    def _fetch(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` on the merge device (a host tensor's copy, queued without waiting)."""
+        if t.device == self.model_device:
+            return t
+        return t.to(self.model_device, non_blocking=self._pinned)
 
     # ------------------------------------------------------------------ digests of the inputs
     def input_digest(self, name: str) -> str:
@@ -301,7 +383,8 @@ class MergeEngine:
         # queued and run in one parallel launch at the end (or once _QUEUED_MASK_BYTES of
         # masks are held), which counts their NaN and inf values as it writes them.
         self._pending = [] if self._defer_checks else None
-        self._queue = None if self._defer_checks else kernels.Queue()
+        self._queue = kernels.ForeachQueue() if self._foreach else kernels.Queue()
+        self._fetched_bytes = 0
         self._queued = []
         try:
             for name, info in self.layout.params.items():
@@ -313,7 +396,7 @@ class MergeEngine:
                                          f"tensor {name}")
                     self._dirty.add(name)
                     param = self._params[name].data
-                    taken = self._base[name].to(math_dtype) + tv
+                    taken = self._fetch(self._base[name]).to(math_dtype) + self._fetch(tv)
                     param.copy_(taken)
                     self._check_finite(name, param, source=taken)
                     written += 1
@@ -349,8 +432,8 @@ class MergeEngine:
     def _merge_one(self, recipe: Recipe, spec: methods.MethodSpec, params: dict[str, Any],
                    info: ParamInfo, donors: list[str], math_dtype: torch.dtype) -> None:
         name = info.name
-        base = self._base[name]
-        deltas = [self.task_vectors[d][name] for d in donors]
+        base = self._fetch(self._base[name])
+        deltas = [self._fetch(self.task_vectors[d][name]) for d in donors]
         donor_params = [recipe.resolve(info.component, d, info.depth) for d in donors]
         masks = None
         if spec.sparsification is not None:
@@ -379,8 +462,14 @@ class MergeEngine:
             raise MergeError(f"merged tensor {name}: {err}") from None
         if self._queue is not None and len(self._queue) > queued:
             self._queued.append(name)
-            if self._queue.mask_bytes >= _QUEUED_MASK_BYTES:
+            # host inputs copied for the queue stay on the device until it runs: bound them
+            self._fetched_bytes += sum(
+                t.nbytes for t in (self._base[name], *(self.task_vectors[d][name] for d in donors))
+                if t.device != self.model_device)
+            if (self._queue.mask_bytes >= _QUEUED_MASK_BYTES
+                    or self._fetched_bytes >= _QUEUED_MASK_BYTES):
                 self._run_queued()
+                self._fetched_bytes = 0
         elif not check_now:
             self._check_finite(name, self._params[name].data)
 
@@ -538,6 +627,27 @@ def _synchronize(device: str) -> None:
 
 def _cpu_or(device: str | None) -> str:
     return device or "cpu"
+
+
+def _open_donor(obj: Any, *, revision: str | None, trust_remote_code: bool,
+                allow_pickle: bool) -> Any:
+    """A donor as given (module, LoadedModel, StreamedModel), or opened from a folder, hub id or
+    ModelRef: streamed where it can be, else by transformers' loader on the CPU."""
+    if isinstance(obj, torch.nn.Module):
+        return _Loaded(obj)
+    if isinstance(obj, StreamedModel) or hasattr(obj, "model"):
+        return obj
+    if isinstance(obj, ModelRef):
+        obj, revision = obj.path, obj.revision
+    from vlmexp.checkpoint import open_model, resolve_model
+
+    source = resolve_model(str(obj), revision, allow_pickle=allow_pickle)
+    streamed, _ = open_streamed(source, trust_remote_code=trust_remote_code,
+                                allow_pickle=allow_pickle)
+    if streamed is not None:
+        return streamed
+    return open_model(str(obj), revision=revision, trust_remote_code=trust_remote_code,
+                      allow_pickle=allow_pickle, load_processor=False)
 
 
 class _Loaded:

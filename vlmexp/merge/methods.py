@@ -115,7 +115,9 @@ def task_arithmetic(
     ]
     if out is None:
         out = torch.empty_like(base, dtype=dtype)
-    if kernels.available([out, base, *deltas], dtype) and all(k.per_entry is None for k in kept):
+    if (kernels.available([out, base, *deltas], dtype)
+            and not isinstance(batch, kernels.ForeachQueue)
+            and all(k.per_entry is None for k in kept)):
         # one fused pass instead of a dozen elementwise ones (see vlmexp/merge/kernels.py),
         # now or queued in `batch`; it counts the NaN and inf values it writes
         queue = batch if batch is not None else kernels.Queue()
@@ -290,7 +292,7 @@ def _weighted_sum(
     dtype = dtype or base.dtype
     if out is None:
         out = torch.empty_like(base, dtype=dtype)
-    if kernels.available([out, base, *deltas], dtype):
+    if kernels.available([out, base, *deltas], dtype, batch):
         queue = batch if batch is not None else kernels.Queue()
         queue.weighted_sum(out, base, base_coef, deltas, coefs)
         if batch is None:
@@ -853,7 +855,7 @@ def merge_tensor(
     # the fused CPU kernels read bfloat16 and float16 inputs and write such an `out` as they
     # are stored (float32 math inside): they get the stored tensors, not float32 copies
     stored = (spec.fused and out is not None
-              and kernels.available([out, base, *donors], dtype))
+              and kernels.available([out, base, *donors], dtype, batch))
     direct = out if out is not None and (out.dtype == dtype or stored) else None
     checks: dict[str, Any] = {}  # what the method learned of its result in the pass writing it
     queued = len(batch) if batch is not None and direct is not None else None

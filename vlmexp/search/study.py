@@ -29,7 +29,7 @@ from vlmexp.eval import EvalResult, Evaluator
 from vlmexp.eval.evaluator import eval_config
 from vlmexp.layout import Layout, align, discover
 from vlmexp.merge.engine import MergeEngine, math_dtype_of
-from vlmexp.merge.plan import parse_bytes, plan_memory
+from vlmexp.merge.plan import donor_reading_bytes, parse_bytes, plan_memory
 from vlmexp.merge.recipe import ModelRef
 from vlmexp.search.pruning import Pruning
 from vlmexp.search.samplers import make_sampler
@@ -82,10 +82,11 @@ def resolve_models(models: Mapping[str, Any], *, progress: bool = True
 
 
 def preflight(base: ModelRef, donors: Sequence[ModelRef], *, vocab: str,
-              trust_remote_code: bool = False
+              trust_remote_code: bool = False, allow_pickle: bool = False
               ) -> tuple[Layout, dict[str, dict[str, int]], dict[str, int]]:
-    """The base's layout, what each donor can change (component → tensors) and each donor's
-    size in bytes, from the models' configs alone (no weight is read), so that a space that
+    """The base's layout, what each donor can change (component → tensors) and what each donor
+    holds while it is read (`merge.plan.donor_reading_bytes`), from the models' configs and
+    safetensors headers alone (no weight is read), so that a space that
     cannot work, or a merge that cannot fit, is refused before anything is loaded."""
     from vlmexp.checkpoint import model_skeleton
     from vlmexp.errors import AlignmentError
@@ -97,7 +98,8 @@ def preflight(base: ModelRef, donors: Sequence[ModelRef], *, vocab: str,
     sizes: dict[str, int] = {}
     for d in donors:
         donor = model_skeleton(d.path, d.revision, **opts)
-        sizes[d.name] = sum(p.numel() * p.element_size() for p in donor.parameters())
+        sizes[d.name] = donor_reading_bytes(d.path, d.revision, allow_pickle=allow_pickle,
+                                            **opts)
         try:
             alignment = align(skeleton, donor, vocab=vocab)
         except AlignmentError as err:
@@ -111,21 +113,24 @@ def preflight(base: ModelRef, donors: Sequence[ModelRef], *, vocab: str,
 
 def setup_engine(base: ModelRef, donors: Sequence[ModelRef], *, device: str, vocab: str,
                  dtype: str = "float32", components: Collection[str] | None = None,
+                 vectors_on: str = "device", pristine_on: str = "device",
                  trust_remote_code: bool = False, allow_pickle: bool = False) -> MergeEngine:
     """The live base model with each donor's task vector (`merge.vocab`: the vocabulary policy;
-    `merge.dtype`: the math dtype, which the task vectors are stored in as a recipe's
-    `MergeEngine.from_recipe` stores them, so that `reproduce` rebuilds the same weights;
-    `components`: what recipes may change, the only tensors the engine keeps copies of;
-    `models.trust_remote_code`, `models.allow_pickle`: what `open_model` may run or unpickle)."""
+    `merge.dtype`: the recipes' math dtype; task vectors are stored in the model's own dtype,
+    as `MergeEngine.from_recipe` stores them, so that `reproduce` rebuilds the same weights;
+    donors are read tensor by tensor where they can be; `components`: what recipes may change,
+    the only tensors the engine keeps copies of; `vectors_on`, `pristine_on`: the memory
+    plan's placements (`memory_placement`); `models.trust_remote_code`,
+    `models.allow_pickle`: what `open_model` may run or unpickle)."""
     from vlmexp.checkpoint import open_model
 
     opts = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
     engine = MergeEngine(open_model(base.path, revision=base.revision, **opts), device=device,
                          vocab=vocab, progress=True, components=components,
-                         math_dtype=math_dtype_of(dtype))
+                         math_dtype=math_dtype_of(dtype), vectors_on=vectors_on,
+                         pristine_on=pristine_on)
     for d in donors:
-        donor = open_model(d.path, revision=d.revision, load_processor=False, **opts)
-        engine.add_donor(d.name, donor, map=d.map)
+        engine.add_donor(d.name, d.path, revision=d.revision, map=d.map, **opts)
     if engine.processor is None:
         raise ConfigError(f"models.base: {base.path} has no processor/tokenizer files")
     return engine
@@ -190,15 +195,18 @@ def setup(cfg: DictConfig) -> Setup:
     models = node["models"]
     base, donors = resolve_models(models)
     layout, reach, sizes = preflight(base, donors, vocab=node["merge"]["vocab"],
-                                     trust_remote_code=models["trust_remote_code"])
+                                     trust_remote_code=models["trust_remote_code"],
+                                     allow_pickle=models["allow_pickle"])
     space = SearchSpace(node["space"], node["merge"], base, donors, layout=layout, reach=reach)
     budget = node["memory_budget"]
     plan = plan_memory(layout, reach, space.changed_components(), device=device,
-                       donor_bytes=sizes, free_bytes=None if budget is None else parse_bytes(budget))
+                       donor_bytes=sizes, free_bytes=None if budget is None else parse_bytes(budget),
+                       placement=node["memory_placement"])
     plan.check()
     print(plan.describe(), file=sys.stderr)
     engine = setup_engine(base, donors, device=device, vocab=node["merge"]["vocab"],
                           dtype=node["merge"]["dtype"], components=space.changed_components(),
+                          vectors_on=plan.vectors_on, pristine_on=plan.pristine_on,
                           trust_remote_code=models["trust_remote_code"],
                           allow_pickle=models["allow_pickle"])
     evaluator = setup_evaluator(node["eval"], engine.processor, device=device)
