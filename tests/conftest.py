@@ -86,4 +86,5 @@ def demo_study(tmp_path_factory, demo_zoo):
          f"models.zoo_dir={demo_zoo.root.parent}", "--no-progress"],
         cwd=folder, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+    (folder / "search.out").write_text(done.stdout)  # the demo table as printed
     return folder

@@ -23,6 +23,13 @@ def get_json(url: str) -> dict:
         return json.loads(r.read())
 
 
+def test_the_demo_table_says_what_it_was_measured_with(demo_study: Path) -> None:
+    from vlmexp.environment import describe
+
+    out = (demo_study / "search.out").read_text()
+    assert "held-out test split:" in out and f"measured with {describe()}" in out
+
+
 def test_optuna_dashboard_reads_the_demo_study(demo_study: Path) -> None:
     storage = f"sqlite:///{demo_study / 'optuna.db'}"
     study = optuna.load_study(study_name="demo", storage=storage)
