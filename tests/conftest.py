@@ -80,10 +80,14 @@ def demo_study(tmp_path_factory, demo_zoo):
 
     folder = tmp_path_factory.mktemp("demo_study")
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    # the zoo where a user's demo has it, so that recipes name it as theirs do (relative paths)
+    (folder / ".vlmexp_cache").mkdir()
+    (folder / ".vlmexp_cache" / "zoo").symlink_to(demo_zoo.root.parent, target_is_directory=True)
+    env = {k: v for k, v in os.environ.items() if k != "VLMEXP_ZOO_DIR"}
+    env.update(PYTHONPATH=str(root), OMP_NUM_THREADS="1")
     done = subprocess.run(
         [sys.executable, "-m", "vlmexp", "search", "search.n_trials=12", "threads=1",
-         f"models.zoo_dir={demo_zoo.root.parent}", "--no-progress"],
+         "--no-progress"],
         cwd=folder, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     (folder / "search.out").write_text(done.stdout)  # the demo table as printed
