@@ -56,3 +56,39 @@ def kind_processor():
     from vlmexp.zoo.tiny_processors import for_tokenizer
 
     return for_tokenizer
+
+
+@pytest.fixture(scope="session")
+def demo_zoo(tmp_path_factory):
+    """The full demo zoo (`vlmexp.zoo.build.ZooPaths`), built once per session (about two
+    minutes on two cores) under `$VLMEXP_ZOO_DIR` when set (reused when already there), else in a
+    temporary folder."""
+    from vlmexp.zoo.build import ENV_DIR, ensure_zoo
+
+    root = os.environ.get(ENV_DIR) or tmp_path_factory.mktemp("zoo")
+    return ensure_zoo(root, progress=False)
+
+
+@pytest.fixture(scope="session")
+def demo_study(tmp_path_factory, demo_zoo):
+    """A short demo study run as a user runs it (`python -m vlmexp search`, 12 trials, the
+    baselines first) in a folder of its own: `mlflow.db`, `mlruns/` and `optuna.db` are there.
+    Returns that folder."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = tmp_path_factory.mktemp("demo_study")
+    root = Path(__file__).resolve().parent.parent
+    # the zoo where a user's demo has it, so that recipes name it as theirs do (relative paths)
+    (folder / ".vlmexp_cache").mkdir()
+    (folder / ".vlmexp_cache" / "zoo").symlink_to(demo_zoo.root.parent, target_is_directory=True)
+    env = {k: v for k, v in os.environ.items() if k != "VLMEXP_ZOO_DIR"}
+    env.update(PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "vlmexp", "search", "search.n_trials=12", "threads=1",
+         "--no-progress"],
+        cwd=folder, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (folder / "search.out").write_text(done.stdout)  # the demo table as printed
+    return folder

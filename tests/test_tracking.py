@@ -104,6 +104,17 @@ def test_trials_are_child_runs_with_status_params_metrics_tags_artifacts(store, 
     assert tags["vlmexp.baseline"] == "base"
     assert tags["vlmexp.fingerprint.language"] == "0.1,3.0000000000000004,12"
     assert not any(k.startswith("vlmexp.fingerprint.") for k in runs[failed].data.tags)
+    # the descriptions the MLflow UI shows on each run's page
+    assert tags["mlflow.note.content"] == (
+        "trial 0 (base): task_arithmetic merge of vqa, text into the base; acc = 0.5. "
+        "recipe.yaml rebuilds it (python -m vlmexp reproduce RUN_ID).")
+    assert runs[pruned].data.tags["mlflow.note.content"].startswith(
+        "trial 1: task_arithmetic merge of vqa, text into the base; pruned (below the median")
+    assert runs[failed].data.tags["mlflow.note.content"].startswith(
+        "trial 2; failed: MergeError: merged tensor x has NaN second line.")
+    assert p.data.tags["mlflow.note.content"].startswith("vlmexp study 'statuses': acc (maximize).")
+    exp = client.get_experiment_by_name("statuses")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # a training view
     text = artifact(client, ok, "recipe.yaml", tmp_path / "ok")
     assert Recipe.from_yaml_text(text) == make_recipe()
     items = json.loads(artifact(client, ok, "items.json", tmp_path / "ok"))
@@ -228,8 +239,10 @@ def test_finish_two_objectives_logs_pareto_front(store, tmp_path):
     tracker.finish(study)
     client = MlflowClient(uri)
     paths = {a.path for a in client.list_artifacts(parent, "plots")}
-    # 3 complete trials: too few for parameter importances, which are skipped
-    assert paths == {"plots/optimization_history.png", "plots/pareto_front.png",
+    # 3 complete trials: too few for parameter importances, which are skipped; one history per
+    # objective (Optuna draws the best-so-far line for a single objective only)
+    assert paths == {"plots/optimization_history_vl.png", "plots/optimization_history_text.png",
+                     "plots/pareto_front.png",
                      "plots/weights_vs_depth_trial-0000.png",
                      "plots/weights_vs_depth_trial-0001.png"}
     front = json.loads(artifact(client, parent, "pareto_front.json", tmp_path))
@@ -266,10 +279,7 @@ def test_flatten_config_clips_to_mlflow_limits():
     assert flat["a.c"] == "[1, 2]" and flat["d"] == "{}" and flat["e weird_"] == "None"
 
 
-def test_plots_are_pure_figures():
-    assert plots.pareto_mask([(1, 1), (2, 0), (0, 0), (1, 1)], ["maximize", "maximize"]) == [
-        True, True, False, True]
-    assert plots.pareto_mask([(1, 5), (2, 0)], ["minimize", "maximize"]) == [True, False]
+def test_weights_vs_depth_draws_each_component_and_donor():
     fig = plots.weights_vs_depth_figure(make_recipe(0.4, (0.2, 0.8)))
     ax = fig.axes[0]
     assert ax.get_ylabel() == "weight"
@@ -282,9 +292,46 @@ def test_plots_are_pure_figures():
     empty = Recipe.from_dict({"method": "task_arithmetic", "base": {"path": "b"},
                               "donors": [{"name": "vqa", "path": "d"}]})
     assert plots.weights_vs_depth_figure(empty) is None
-    hist = plots.history_figure([0, 1, 2, 3], {"loss": [0.5, None, 0.3, 0.4]}, ["minimize"])
-    step = [c for c in hist.axes[0].get_lines() if c.get_label() == "best so far"][0]
-    assert list(step.get_ydata()) == [0.5, 0.3, 0.3]
+
+
+def test_weights_vs_depth_draws_tied_components_as_one_line():
+    """The demo ties embed and head to the language model: one line each donor, not three drawn
+    on top of each other; donors differ in line style so a crossing line stays visible."""
+    tied = {"vqa": {"weight": 0.34}, "text": {"weight": 1.61}}
+    recipe = Recipe.from_dict({
+        "method": "task_arithmetic", "base": {"path": "b"},
+        "donors": [{"name": "vqa", "path": "d"}, {"name": "text", "path": "t"}],
+        "components": {"head": tied, "vision": {"vqa": {"weight": 1.12}},
+                       "language": tied, "embed": tied}})
+    lines = plots.weights_vs_depth_figure(recipe).axes[0].get_lines()
+    assert [(line.get_label(), float(line.get_ydata()[0]), line.get_linestyle())
+            for line in lines] == [("vision/vqa", 1.12, "-"),
+                                   ("language+embed+head/vqa", 0.34, "-"),
+                                   ("language+embed+head/text", 1.61, "--")]
+
+
+def test_study_plots_are_optunas():
+    study = _told_study(["maximize"], [(0.3,), (0.7,), (), (0.5,), (0.6,), (0.2,)])
+    figs = plots.history_figures(study, ["acc"])
+    assert list(figs) == ["optimization_history"]
+    best = [line for line in figs["optimization_history"].axes[0].get_lines()
+            if line.get_label() == "Best Value"]
+    assert list(best[0].get_ydata()) == [0.3, 0.7, 0.7, 0.7, 0.7, 0.7]
+    imp = plots.importances_figures(study, ["acc"])
+    assert list(imp) == ["param_importances"]
+    labels = {t.get_text() for t in imp["param_importances"].axes[0].get_yticklabels()}
+    assert labels == {"w_projector", "w_language"}
+    plots.close({**figs, **imp})
+
+    two = _told_study(["maximize", "minimize"], [(0.3, 0.9), (0.7, 0.4), (0.2, 0.95), (0.6, 0.5)])
+    figs = plots.history_figures(two, ["vl", "loss"])
+    assert list(figs) == ["optimization_history_vl", "optimization_history_loss"]
+    front = plots.pareto_figure(two, ["vl", "loss"])
+    ax = front.axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("vl", "loss")
+    # the front is study.best_trials: 0.3/0.9 and 0.2/0.95 are dominated by 0.7/0.4
+    assert sorted(a.get_text() for a in ax.texts) == ["1"]
+    plots.close({**figs, "front": front})
 
 
 def test_finish_without_a_complete_trial_logs_an_empty_table(store, tmp_path):

@@ -30,9 +30,9 @@ SMALL = ZooSettings(position_items=64, recitation_items=64, vqa_items=64,
 
 
 @pytest.fixture(scope="session")
-def zoo(tmp_path_factory: pytest.TempPathFactory) -> ZooPaths:
-    """The full default zoo, built once per session (about a minute on two cores)."""
-    return ensure_zoo(tmp_path_factory.mktemp("zoo"), progress=False)
+def zoo(demo_zoo: ZooPaths) -> ZooPaths:
+    """The full default zoo, built once per session (conftest's `demo_zoo`)."""
+    return demo_zoo
 
 
 @pytest.fixture(scope="session")

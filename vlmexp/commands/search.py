@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from vlmexp.environment import describe
 from vlmexp.search.mlflow_store import DEFAULT_URI
 
 
@@ -66,9 +67,12 @@ def summary(cfg, result) -> str:
         lower_test = [n for n in names if result.test_directions.get(n) == "minimize"]
         if lower_test:
             lines.append(f"  lower is better: {', '.join(lower_test)}")
+        # the zoo is trained on this CPU: numbers compare only with those of the same line
+        lines.append(f"  measured with {describe()}")
     uri = cfg.tracking.uri or DEFAULT_URI
     lines.append(f"MLflow: {uri} (experiment {cfg.tracking.experiment or cfg.study_name!r}); "
-                 f"browse with: mlflow ui --backend-store-uri {uri}")
+                 f"browse with: mlflow ui --backend-store-uri {uri} (the trials: 'Model "
+                 f"training', then the experiment's Runs)")
     experiment = str(cfg.tracking.experiment or cfg.study_name)
     where = f" --experiment {experiment}" + ("" if uri == DEFAULT_URI else f" --tracking-uri {uri}")
     if len(objectives) == 1:

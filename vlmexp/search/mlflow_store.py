@@ -33,6 +33,9 @@ REASON, OBJECTIVES, DIRECTIONS = "vlmexp.reason", "vlmexp.objectives", "vlmexp.d
 BEST_TRIAL, BEST_RUN = "vlmexp.best_trial", "vlmexp.best_run"
 PARETO_TRIALS, PARETO_RUNS = "vlmexp.pareto_trials", "vlmexp.pareto_runs"
 EXPERIMENT_KIND = "vlmexp.kind"
+# MLflow's own experiment tag: this value opens the UI on the training-runs view (not GenAI's)
+MLFLOW_KIND, MLFLOW_KIND_VALUE = "mlflow.experimentKind", "custom_model_development"
+NOTE = "mlflow.note.content"  # a run's description in the MLflow UI
 # trial-run tag prefix of each component's fingerprint (`merge.fingerprint`: "sum,norm,count")
 FINGERPRINT_PREFIX = "vlmexp.fingerprint."
 PARENT = "mlflow.parentRunId"

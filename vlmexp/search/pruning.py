@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -52,17 +51,19 @@ PRUNERS: dict[str, Callable[[Pruning], optuna.pruners.BasePruner]] = {
 
 
 def paired_p_value(worse: int, better: int) -> float:
-    """One-sided sign test: P(at least `worse` of `worse + better` discordant items go against
-    the trial) when the trial and the reference are equally good.
+    """One-sided sign test (`scipy.stats.binomtest`): P(at least `worse` of `worse + better`
+    discordant items go against the trial) when the trial and the reference are equally good.
 
     Example:
         >>> round(paired_p_value(8, 1), 4)
         0.0195
     """
+    from scipy.stats import binomtest
+
     n = worse + better
     if n == 0:
         return 1.0
-    return sum(math.comb(n, k) for k in range(worse, n + 1)) / 2 ** n
+    return float(binomtest(worse, n, 0.5, alternative="greater").pvalue)
 
 
 @dataclass

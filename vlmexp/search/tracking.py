@@ -50,6 +50,9 @@ from vlmexp.search.mlflow_store import (
     DIRECTIONS,
     EXPERIMENT_KIND,
     FINGERPRINT_PREFIX,
+    MLFLOW_KIND,
+    MLFLOW_KIND_VALUE,
+    NOTE,
     OBJECTIVES,
     OWN_METRIC_PREFIXES,
     PARENT,
@@ -250,7 +253,7 @@ class Tracker:
             try:
                 return self.client.create_experiment(
                     self.experiment, artifact_location=artifact_location,
-                    tags={EXPERIMENT_KIND: "study"})
+                    tags={EXPERIMENT_KIND: "study", MLFLOW_KIND: MLFLOW_KIND_VALUE})
             except MlflowException:  # another worker created it first
                 exp = self.client.get_experiment_by_name(self.experiment)
                 if exp is None:
@@ -258,8 +261,9 @@ class Tracker:
         if exp.lifecycle_stage == "deleted":
             raise TrackingError(f"MLflow experiment {self.experiment!r} is deleted; restore it "
                                 f"(mlflow experiments restore) or choose another name")
-        if exp.tags.get(EXPERIMENT_KIND) != "study":
-            self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, "study")
+        for key, value in ((EXPERIMENT_KIND, "study"), (MLFLOW_KIND, MLFLOW_KIND_VALUE)):
+            if exp.tags.get(key) != value:
+                self.client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
 
     def _parents(self) -> list[Run]:
@@ -295,7 +299,12 @@ class Tracker:
                        for name, identity in (tasks or {}).items()})
         text = yaml.safe_dump(plain, sort_keys=False, default_flow_style=False)
         tags = {ROLE: "study", STUDY: self.study_name, OBJECTIVES: ",".join(self.objectives),
-                DIRECTIONS: ",".join(self.directions)}
+                DIRECTIONS: ",".join(self.directions),
+                NOTE: f"vlmexp study {self.study_name!r}: "
+                      + ", ".join(f"{o} ({d})" for o, d in zip(self.objectives, self.directions,
+                                                               strict=True))
+                      + ". One child run per trial (its recipe.yaml rebuilds the merge); here: "
+                        "config.yaml, the best trial or Pareto front, plots/."}
         with as_tracking_error(f"MLflow: start the run of study {self.study_name!r}"):
             existing = self._parents()
             if existing:
@@ -437,7 +446,7 @@ class Tracker:
                 if number in runs:
                     _log_batch(self.client, runs[number],
                                metrics=[_metric(f"test.{k}", v, now) for k, v in values.items()])
-            self._plots(study, trials, complete, names, directions, rows)
+            self._plots(study, complete, names, rows)
 
     def _objective_names(self, study: optuna.Study, count: int) -> list[str]:
         if len(self.objectives) == count:
@@ -466,22 +475,13 @@ class Tracker:
         return {"trial": number, "run_id": run_id, "baseline": baseline, "values": values,
                 "metrics": metrics, "test": test, "params": params, "weights_digest": digest}
 
-    def _plots(self, study: optuna.Study, trials: Sequence[Any], complete: Sequence[Any],
-               names: list[str], directions: list[str], rows: list[dict[str, Any]]) -> None:
+    def _plots(self, study: optuna.Study, complete: Sequence[Any], names: list[str],
+               rows: list[dict[str, Any]]) -> None:
         from vlmexp.search import plots
 
-        parent = self.parent_run_id
-        assert parent is not None
-        numbers = [t.number for t in trials]
-        done = {t.number for t in complete}
-        history = {name: [t.values[i] if t.number in done else None for t in trials]
-                   for i, name in enumerate(names)}
-        self._figure(plots.history_figure(numbers, history, directions),
-                     "plots/optimization_history.png")
-        if len(names) > 1 and complete:
-            self._figure(plots.pareto_figure([t.values for t in complete], names, directions,
-                                             labels=[t.number for t in complete]),
-                         "plots/pareto_front.png")
+        figures = plots.history_figures(study, names)
+        if len(names) in (2, 3) and complete:
+            figures["pareto_front"] = plots.pareto_figure(study, names)
         for row in rows[:_MAX_WEIGHT_PLOTS]:
             if not row["run_id"]:
                 continue
@@ -496,32 +496,20 @@ class Tracker:
                 recipe, title=f"trial {row['trial']} ({recipe.method}): parameters vs depth")
             if fig is not None:
                 suffix = f"_trial-{row['trial']:04d}" if len(names) > 1 else ""
-                self._figure(fig, f"plots/weights_vs_depth{suffix}.png")
-        importances = self._importances(study, complete, names)
-        if importances:
-            self._figure(plots.importances_figure(importances), "plots/param_importances.png")
-
-    def _importances(self, study: optuna.Study, complete: Sequence[Any],
-                     names: list[str]) -> dict[str, dict[str, float]]:
-        import optuna
-
-        param_names = {p for t in complete for p in t.params}
-        if len(complete) < 4 or len(param_names) < 2:
-            return {}
-        out: dict[str, dict[str, float]] = {}
-        for i, name in enumerate(names):
-            # Optuna 5's default evaluator (PED-ANOVA) ranks by what makes a *target* low
-            sign = -1.0 if study.directions[i] == optuna.study.StudyDirection.MAXIMIZE else 1.0
-            target = (lambda t, i=i, s=sign: s * t.values[i]) if len(names) > 1 else None
+                figures[f"weights_vs_depth{suffix}"] = fig
+        if len(complete) >= 4 and len({p for t in complete for p in t.params}) >= 2:
             try:
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message=".*low `target` values")
-                    out[name] = dict(optuna.importance.get_param_importances(study,
-                                                                              target=target))
+                    figures.update(plots.importances_figures(study, names))
             except Exception as err:  # noqa: BLE001 - e.g. no parameter common to all trials
-                warnings.warn(f"parameter importances for {name!r} skipped: {one_line(err, 300)}",
+                warnings.warn(f"parameter importances skipped: {one_line(err, 300)}",
                               stacklevel=2)
-        return {k: v for k, v in out.items() if v}
+        try:
+            for name, fig in figures.items():
+                self._figure(fig, f"plots/{name}.png")
+        finally:
+            plots.close(figures)
 
     def _figure(self, fig: Any, path: str) -> None:
         assert self.parent_run_id is not None
@@ -550,6 +538,7 @@ def _trial_entries(record: TrialRecord, state: str, parent_run_id: str, study_na
         tags[BASELINE] = record.baseline
     if record.reason:
         tags[REASON] = one_line(record.reason, _MAX_TAG)
+    tags[NOTE] = _describe(record, state)
     params = record.recipe.flat_params() if record.recipe is not None else {}
     params.update({f"optuna.{k}": json.dumps(v) if isinstance(v, list) else str(v)
                    for k, v in record.params.items()})
@@ -561,6 +550,20 @@ def _trial_entries(record: TrialRecord, state: str, parent_run_id: str, study_na
               for step, values in record.intermediate for k, v in values.items()]
     metrics = [_metric(k, v, now, step) for k, v, step in named if v is not None]
     return tags, params, metrics
+
+
+def _describe(record: TrialRecord, state: str) -> str:
+    """The run's description in the MLflow UI: what was merged and how the trial ended."""
+    what = f"trial {record.number}" + (f" ({record.baseline})" if record.baseline else "")
+    if record.recipe is not None:
+        donors = ", ".join(d.name for d in record.recipe.donors)
+        what += f": {record.recipe.method} merge of {donors} into the base"
+    outcome = {"COMPLETE": ", ".join(f"{k} = {v:.4g}" for k, v in record.values.items())
+               or "complete",
+               "PRUNED": "pruned" + (f" ({record.reason})" if record.reason else ""),
+               "FAIL": "failed" + (f": {record.reason}" if record.reason else "")}[state]
+    return one_line(f"{what}; {outcome}. recipe.yaml rebuilds it "
+                    f"(python -m vlmexp reproduce RUN_ID).", _MAX_TAG)
 
 
 def _csv(rows: Sequence[Mapping[str, Any]]) -> str:
