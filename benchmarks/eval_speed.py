@@ -17,6 +17,10 @@
 
     python benchmarks/eval_speed.py [--case all] [--items 10] [--threads 1]
         [--qwen-items 8] [--prefix 600] [--layers 2] [--batch-size 8] [--repeats 2]
+        [--prefixes 150 600 1200]
+
+   The sweep (`--prefixes`) measures one item's peak on both paths at several prefix lengths:
+   today's grows by prefix × vocabulary (the logits), the batched path's only by activations.
 """
 
 from __future__ import annotations
@@ -213,10 +217,11 @@ def memory_child(args: argparse.Namespace) -> None:
     print(json.dumps({"peak_mib": (resident_kib("VmHWM") - base) / 1024, "seconds": seconds}))
 
 
-def peak_memory(path: str, args: argparse.Namespace) -> dict[str, float]:
+def peak_memory(path: str, args: argparse.Namespace, *, prefix: int | None = None,
+                batch_size: int | None = None) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--memory-child", path, "--threads", str(args.threads),
-           "--qwen-items", str(args.qwen_items), "--prefix", str(args.prefix),
-           "--layers", str(args.layers), "--batch-size", str(args.batch_size)]
+           "--qwen-items", str(args.qwen_items), "--prefix", str(prefix or args.prefix),
+           "--layers", str(args.layers), "--batch-size", str(batch_size or args.batch_size)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -248,6 +253,27 @@ def qwen2b_case(args: argparse.Namespace) -> None:
     print(f"   batched / today: {seconds['today'] / seconds['batched']:.2f}x items/s, "
           f"{memory['batched']['peak_mib'] / memory['today']['peak_mib']:.2f}x peak memory   "
           f"(max |score difference| {worst_difference(scores['batched'], scores['today']):.2e})")
+    if args.prefixes:
+        prefix_sweep(args)
+
+
+def prefix_sweep(args: argparse.Namespace) -> None:
+    """Peak memory of one item's forward against the image prefix's length, both paths: what
+    grows with prefix × vocabulary (today's logits) and what is left (activations, cache)."""
+    print(f"   peak memory of one item against its image prefix ({args.layers} layers, "
+          f"batch size 1), MiB above the loaded model:")
+    print(f"   {'prefix':>8} {'today':>8} {'batched':>8} {'logits today':>13}")
+    rows = []
+    for prefix in args.prefixes:
+        today = peak_memory("today", args, prefix=prefix, batch_size=1)["peak_mib"]
+        batched = peak_memory("batched", args, prefix=prefix, batch_size=1)["peak_mib"]
+        rows.append((prefix, today, batched))
+        print(f"   {prefix:>8} {today:>8.0f} {batched:>8.0f} "
+              f"{(prefix + 30) * VOCAB_2B * 4 / 2**20:>13.0f}")
+    (p0, t0, b0), (p1, t1, b1) = rows[0], rows[-1]
+    print(f"   per 100 more prefix tokens: today +{(t1 - t0) / (p1 - p0) * 100:.1f} MiB, "
+          f"batched +{(b1 - b0) / (p1 - p0) * 100:.1f} MiB "
+          f"(of which the {args.layers} layers' activations and cache, not the vocabulary)")
 
 
 def main() -> None:
@@ -259,6 +285,8 @@ def main() -> None:
     ap.add_argument("--prefix", type=int, default=600, help="image tokens of the 2B-shaped prefix")
     ap.add_argument("--layers", type=int, default=2, help=f"decoder layers (2B: {QWEN2VL_2B_LAYERS})")
     ap.add_argument("--batch-size", type=int, default=8, help="items per forward of score_items")
+    ap.add_argument("--prefixes", type=int, nargs="*", default=[150, 600, 1200],
+                    help="image prefixes of the peak-memory sweep (none: no sweep)")
     ap.add_argument("--repeats", type=int, default=2, help="timed rounds (best of)")
     ap.add_argument("--memory-child", choices=["today", "batched"], help=argparse.SUPPRESS)
     args = ap.parse_args()
