@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from mlflow.entities import Run
 
 DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow's own default: the working directory
+# MLflow's HTTP client settings for a tracking server (unless the environment sets them)
+HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 _SQLITE = "sqlite:///"
 
 # tag keys (one place for each)
@@ -33,6 +36,8 @@ REASON, OBJECTIVES, DIRECTIONS = "vlmexp.reason", "vlmexp.objectives", "vlmexp.d
 BEST_TRIAL, BEST_RUN = "vlmexp.best_trial", "vlmexp.best_run"
 PARETO_TRIALS, PARETO_RUNS = "vlmexp.pareto_trials", "vlmexp.pareto_runs"
 EXPERIMENT_KIND = "vlmexp.kind"
+# parent-run tag prefix of each worker that joined the study (value: its sampler seed)
+WORKER_PREFIX = "vlmexp.worker."
 # trial-run tag prefix of each component's fingerprint (`merge.fingerprint`: "sum,norm,count")
 FINGERPRINT_PREFIX = "vlmexp.fingerprint."
 PARENT = "mlflow.parentRunId"
@@ -64,6 +69,11 @@ def open_client(tracking_uri: str) -> MlflowClient:
     """An MLflow client for `tracking_uri`, without telemetry or progress bars."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if tracking_uri.startswith(("http://", "https://")):
+        # MLflow retries a request for minutes by default; a study notices a down server in
+        # seconds and queues its records instead (vlmexp.search.outbox)
+        for key, value in HTTP_SETTINGS.items():
+            os.environ.setdefault(key, value)
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)
