@@ -34,6 +34,7 @@ from vlmexp.layout import Layout, align, discover
 from vlmexp.merge.engine import MergeEngine, math_dtype_of
 from vlmexp.merge.plan import parse_bytes, plan_memory
 from vlmexp.merge.recipe import ModelRef
+from vlmexp.search.mlflow_store import sqlite_file
 from vlmexp.search.outbox import Outbox
 from vlmexp.search.pruning import Pruning
 from vlmexp.search.samplers import make_sampler
@@ -48,6 +49,7 @@ from vlmexp.search.workers import (
     Heartbeat,
     Worker,
     claim,
+    create_sqlite_atomically,
     make_worker,
     recover_stale_trials,
 )
@@ -207,13 +209,14 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
 
             return JournalStorage(JournalFileBackend(url[len("journal:"):].removeprefix("//")))
         return _rdb_storage(url)
-    except ModuleNotFoundError as err:
-        hint = " (pip install psycopg2-binary)" if url.startswith("postgres") else ""
-        raise ConfigError(f"search.storage {_shown(url)}: its driver {err.name!r} is not "
-                          f"installed{hint}") from None
     except Exception as err:  # noqa: BLE001 - sqlalchemy, driver and OS errors alike
+        cause = _root_cause(err)
+        if isinstance(cause, ModuleNotFoundError):
+            hint = " (pip install 'psycopg[binary]')" if url.startswith("postgres") else ""
+            raise ConfigError(f"search.storage {_shown(url)}: its driver {cause.name!r} is not "
+                              f"installed{hint}") from None
         raise ConfigError(f"search.storage {_shown(url)}: cannot open it: "
-                          f"{one_line(_root_cause(err), 300)}") from None
+                          f"{one_line(cause, 300)}") from None
 
 
 def _rdb_storage(url: str) -> optuna.storages.BaseStorage:
@@ -223,6 +226,9 @@ def _rdb_storage(url: str) -> optuna.storages.BaseStorage:
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("postgres"):
         kwargs["connect_args"] = {"connect_timeout": 10}  # an unreachable host fails in seconds
+    path = sqlite_file(url)
+    if path is not None:
+        create_sqlite_atomically(path, lambda tmp: RDBStorage(tmp).engine.dispose())
     for attempt in range(6):
         try:
             return _CachedStorage(RDBStorage(url, engine_kwargs=kwargs))
@@ -268,12 +274,12 @@ def setup(cfg: DictConfig) -> Setup:
     layout, reach, sizes = preflight(base, donors, vocab=node["merge"]["vocab"],
                                      trust_remote_code=models["trust_remote_code"])
     space = SearchSpace(node["space"], node["merge"], base, donors, layout=layout, reach=reach)
+    storage = open_storage(search["storage"])  # an unreachable storage: one line, at once
     budget = node["memory_budget"]
     plan = plan_memory(layout, reach, space.changed_components(), device=device,
                        donor_bytes=sizes, free_bytes=None if budget is None else parse_bytes(budget))
     plan.check()
     print(plan.describe(), file=sys.stderr)
-    storage = open_storage(search["storage"])  # an unreachable storage fails before loading
     engine = setup_engine(base, donors, device=device, vocab=node["merge"]["vocab"],
                           dtype=node["merge"]["dtype"], components=space.changed_components(),
                           trust_remote_code=models["trust_remote_code"],

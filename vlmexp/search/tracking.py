@@ -70,6 +70,7 @@ from vlmexp.search.mlflow_store import (
     search_all,
     sqlite_file,
 )
+from vlmexp.search.workers import create_sqlite_atomically
 from vlmexp.serial import json_safe
 
 if TYPE_CHECKING:
@@ -251,6 +252,9 @@ class Tracker:
             return
         with as_tracking_error(f"MLflow ({self.tracking_uri}): open experiment "
                                f"{self.experiment!r}"):
+            path = sqlite_file(self.tracking_uri)
+            if path is not None:
+                create_sqlite_atomically(path, lambda url: open_client(url).search_experiments())
             self._client = self._client or open_client(self.tracking_uri)
             self._experiment_id = self._experiment(
                 self._artifact_location

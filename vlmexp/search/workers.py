@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import optuna
 from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
@@ -74,6 +75,29 @@ def worker_seed(study_seed: int, worker_id: str) -> int:
         return int(study_seed)
     digest = hashlib.sha256(f"{study_seed}:{worker_id}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
+
+
+# ---------------------------------------------------------------------- SQLite files
+
+
+def create_sqlite_atomically(path: Path, init: Callable[[str], None]) -> None:
+    """Create the SQLite file `path` with its tables, all or nothing: `init(url)` builds them
+    in a file of this process, which is then linked into place unless another worker's got
+    there first. (A worker killed while MLflow or Optuna created the tables in place left a
+    half-migrated file that no later run could open.)"""
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        init(f"sqlite:///{tmp}")
+        try:
+            os.link(tmp, path)  # atomic, and never replaces a file another worker linked
+        except FileExistsError:
+            pass
+    finally:
+        for leftover in (tmp, tmp.with_name(tmp.name + "-journal")):
+            leftover.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------- claims
