@@ -435,26 +435,57 @@ def check_study(storage: str, tracking_uri: str, name: str, n_trials: int) -> di
         t.user_attrs.get("vlmexp.worker") for t in trials), "parent": parents[0]}
 
 
+def readme_blocks(section: str) -> list[str]:
+    """The bash blocks of a README section, as written."""
+    text = (ROOT / "README.md").read_text()
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.*?)```", body, flags=re.S)
+
+
+def _substitute(block: str, swaps: dict[str, str]) -> str:
+    for old, new in swaps.items():
+        assert old in block, f"the README's block no longer has {old!r}"
+        block = block.replace(old, new)
+    return block
+
+
 @pytest.mark.slow
-def test_three_workers_started_together_share_one_study(tmp_path, study_models, postgres,
-                                                        mlflow_server):
-    """PostgreSQL storage and a tracking server: one parent run, one child run per trial,
-    baselines once, each worker with its own recorded seed, n_trials evaluated in all."""
-    storage = postgres("three")
-    common = ["study_name=three", f"search.storage={storage}",
-              f"tracking.uri={mlflow_server.uri}", "search.n_trials=10"]
-    procs = [_worker(tmp_path / f"w{i}", study_models, *common) for i in range(3)]
+def test_the_readmes_workers_share_one_study(tmp_path, study_models, postgres, mlflow_server):
+    """The README's "Several GPUs / several machines" commands, run as written on loopback
+    (its servers' URIs, the tiny models, fewer trials and GPUs): two workers of the per-GPU
+    loop and one SLURM array task, started together on one PostgreSQL study and one tracking
+    server. One parent run, one child run per trial, baselines once, no FAIL, each worker with
+    its own recorded seed, n_trials evaluated in all."""
+    storage = postgres("big")
+    per_gpu, slurm = readme_blocks("Several GPUs / several machines")[1:3]
+    python = f"{sys.executable} -m vlmexp search " + " ".join(
+        f"'{o}'" for o in _tiny_overrides(study_models))
+    swaps = {"postgresql://vlmexp:secret@db-host:5432/optuna": storage,
+             "http://mlflow-host:5000": mlflow_server.uri,
+             "python -m vlmexp search": python, "search.n_trials=400": "search.n_trials=8"}
+    per_gpu = _substitute(per_gpu, {**swaps, "for gpu in 0 1 2 3": "for gpu in 0 1"})
+    slurm = _substitute(slurm, swaps)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "MLFLOW_DISABLE_TELEMETRY": "true"}
+    (tmp_path / "workers.sh").write_text(slurm)
+    procs = [subprocess.Popen(["bash", "-c", per_gpu], cwd=tmp_path, env=env),
+             subprocess.Popen(["bash", "workers.sh"], cwd=tmp_path,
+                              env={**env, "SLURM_ARRAY_TASK_ID": "2"},
+                              stdout=open(tmp_path / "worker-slurm.log", "wb"),
+                              stderr=subprocess.STDOUT)]
     _wait(procs)
-    found = check_study(storage, mlflow_server.uri, "three", 10)
+    found = check_study(storage, mlflow_server.uri, "big", 8)
     assert found["states"].get("FAIL", 0) == 0
-    workers = found["workers"]
-    assert len(workers) == 3 and "0" in workers, workers  # every worker ran trials
+    host = socket.gethostname()
+    assert set(found["workers"]) <= {f"{host}-gpu0", f"{host}-gpu1", "2"}
+    assert len(found["workers"]) >= 2, found["workers"]  # started together, they shared it
     seeds = {k[len("vlmexp.worker."):]: v for k, v in found["parent"].data.tags.items()
              if k.startswith("vlmexp.worker.")}
-    assert set(seeds) == set(workers) and len(set(seeds.values())) == 3 and seeds["0"] == "0"
-    study = optuna.load_study(study_name="three", storage=storage)
-    assert {str(t.user_attrs["vlmexp.sampler_seed"]) for t in study.trials} == \
-        set(seeds.values())
+    assert set(seeds) == {f"{host}-gpu0", f"{host}-gpu1", "2"}
+    assert seeds["2"] == str(worker_seed(0, "2")) and len(set(seeds.values())) == 3
+    study = optuna.load_study(study_name="big", storage=storage)
+    for t in study.trials:
+        assert str(t.user_attrs["vlmexp.sampler_seed"]) == seeds[t.user_attrs["vlmexp.worker"]]
 
 
 @pytest.mark.slow

@@ -55,7 +55,6 @@ from vlmexp.search.workers import (
 )
 
 BASELINE_ATTR = "vlmexp.baseline"
-BASELINES_ENQUEUED = "vlmexp.baselines_enqueued"  # study system attr
 EVALUATED = (TrialState.COMPLETE, TrialState.PRUNED)
 SETTLE_S = 0.5  # how long a claim waits for a concurrent writer (workers.claim)
 
@@ -424,11 +423,8 @@ class SearchResult:
 
 def enqueue_baselines(study: optuna.Study, space: SearchSpace, *, created: bool = True) -> None:
     """Enqueue the base, each donor alone and the uniform average, once per study: by the
-    worker that created it (or, if that one died first, by the next on a study still empty)."""
-    marks = study._storage.get_study_system_attrs(study._study_id)
-    if not created and (study.trials or BASELINES_ENQUEUED in marks):
-        return
-    if created and study.trials:
+    worker that created it (of several started together, exactly one did), right away."""
+    if not created or study.trials:
         return
     for name, recipe in space.baselines():
         params = space.baseline_params(recipe)
@@ -437,7 +433,6 @@ def enqueue_baselines(study: optuna.Study, space: SearchSpace, *, created: bool 
                   file=sys.stderr)
             continue
         study.enqueue_trial(params, user_attrs={BASELINE_ATTR: name})
-    study._storage.set_study_system_attr(study._study_id, BASELINES_ENQUEUED, True)
 
 
 def run_search(cfg: DictConfig, *, progress: bool = True) -> SearchResult:

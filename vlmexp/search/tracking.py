@@ -364,6 +364,8 @@ class Tracker:
                 if run_id == run.info.run_id:
                     _log_batch(self.client, run_id, params=params)
                     self.client.log_text(run_id, text, "config.yaml")
+                else:  # another worker's run is the study's: this worker joins it
+                    _log_batch(self.client, run_id, tags=tags)
         self.parent_run_id = run_id
         return run_id
 
