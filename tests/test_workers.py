@@ -179,7 +179,9 @@ def test_records_wait_while_the_tracker_is_down_and_are_logged_once(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     up = Tracker(tracking_uri=uri, experiment="e", study_name="s", lazy=True)
     outbox = Outbox(folder, up, start(up))
-    assert outbox.flush(trials) == 0 and not outbox.outage
+    outbox.outage, outbox._retry_at = "down", time.monotonic() + 600  # still waiting to retry
+    assert outbox.flush(trials) == 3  # no new try yet: a down host does not stall each trial
+    assert outbox.flush(trials, force=True) == 0 and not outbox.outage
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("e").experiment_id
 

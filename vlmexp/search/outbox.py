@@ -34,6 +34,7 @@ from vlmexp.search.tracking import Tracker, TrialRecord
 from vlmexp.search.workers import INTERRUPTED
 from vlmexp.serial import json_safe
 
+RETRY_S = 10.0  # while the tracker does not answer, how often a trial's flush tries again
 _FINISHED = {TrialState.COMPLETE: "COMPLETE", TrialState.PRUNED: "PRUNED",
              TrialState.FAIL: "FAIL"}
 
@@ -96,6 +97,7 @@ class Outbox:
         self._start = start
         self.started = start is None
         self.outage: str | None = None  # the tracker's last error, while it does not answer
+        self._retry_at = 0.0  # while it does not answer, no new try before this (monotonic s)
 
     def path(self, number: int) -> Path:
         return self.folder / f"trial-{number:06d}.json"
@@ -132,9 +134,13 @@ class Outbox:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    def flush(self, trials: Mapping[int, FrozenTrial]) -> int:
+    def flush(self, trials: Mapping[int, FrozenTrial], *, force: bool = False) -> int:
         """Send every waiting record whose trial Optuna holds as finished; stop at the first
-        tracking error (the tracker is down: the records wait). Returns how many are left."""
+        tracking error (the tracker is down: the records wait, and the next flush tries again
+        only `RETRY_S` later, unless `force`, so that an unreachable host does not stall every
+        trial for its timeout). Returns how many are left."""
+        if self.outage is not None and not force and time.monotonic() < self._retry_at:
+            return len(self.pending())
         with self._lock():
             try:
                 if not self.started:
@@ -147,6 +153,7 @@ class Outbox:
                     print(f"MLflow does not answer ({one_line(err, 200)}); trial records wait "
                           f"in {self.folder} and are sent when it does", file=sys.stderr)
                 self.outage = str(err)
+                self._retry_at = time.monotonic() + RETRY_S
                 return len(self.pending())
         if self.outage is not None:
             print("MLflow answers again: the waiting trial records are sent", file=sys.stderr)
