@@ -74,8 +74,12 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def test_only_trials_with_a_stale_heartbeat_are_failed_and_run_again(tmp_path):
-    study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'o.db'}")
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_only_trials_with_a_stale_heartbeat_are_failed_and_run_again(tmp_path, kind):
+    from vlmexp.search.study import open_storage
+
+    url = f"sqlite:///{tmp_path / 'o.db'}" if kind == "sqlite" else f"journal:{tmp_path / 'o.log'}"
+    study = optuna.create_study(study_name="s", storage=open_storage(url))
     host, now = socket.gethostname(), time.time()
     live = _running(study, [now, "elsewhere", 1, "w1"], 0.1)  # another machine's, beating
     old = _running(study, [now - 300, "elsewhere", 1, "w2"], 0.2)  # stopped 5 minutes ago
