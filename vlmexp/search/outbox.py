@@ -149,6 +149,8 @@ class Outbox:
                 for path in self.pending():
                     self._send(path, trials)
             except TrackingError as err:
+                if err.__cause__ is None:  # not a failing call: the store's content (a deleted
+                    raise                  # experiment) or a bad record, which waiting won't fix
                 if self.outage is None:
                     print(f"MLflow does not answer ({one_line(err, 200)}); trial records wait "
                           f"in {self.folder} and are sent when it does", file=sys.stderr)
@@ -165,8 +167,11 @@ class Outbox:
             record = record_from_json(json.loads(path.read_text()))
         except FileNotFoundError:
             return  # another process sent it
-        except (ValueError, KeyError) as err:  # a torn file cannot happen (rename); say so
-            raise TrackingError(f"{path}: not a trial record ({one_line(err, 120)})") from err
+        except (ValueError, KeyError) as err:  # not ours (files are renamed into place)
+            path.rename(path.with_name(path.name + ".bad"))
+            print(f"{path}: not a trial record ({one_line(err, 120)}); set aside as "
+                  f"{path.name}.bad", file=sys.stderr)
+            return
         trial = trials.get(record.number)
         if trial is None or trial.state not in _FINISHED:
             return  # its worker has not told Optuna yet (or is dead and not yet recovered)

@@ -559,11 +559,12 @@ def _finish_tracking(s: Setup, result: SearchResult, *, wait: float) -> None:
     """Send what waits (for up to `wait` s while the server is down), then the study's tables
     and plots; a tracking server still down leaves the records queued, with a message."""
     deadline = time.monotonic() + wait
-    left = s.outbox.flush(_trials(s.study), force=True)
-    while left and time.monotonic() < deadline:
+    s.outbox.flush(_trials(s.study), force=True)
+    while s.outbox.outage is not None and time.monotonic() < deadline:
         time.sleep(2.0)
-        left = s.outbox.flush(_trials(s.study), force=True)
-    if left:
+        s.outbox.flush(_trials(s.study), force=True)
+    if s.outbox.outage is not None:
+        left = len(s.outbox.pending())
         print(f"{left} trial record(s) could not be sent to MLflow ({s.tracker.tracking_uri}); "
               f"they wait in {s.outbox.folder} and are sent by the next run of this study",
               file=sys.stderr)
