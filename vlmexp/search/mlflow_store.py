@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow's own default: the working directory
 # MLflow's HTTP client settings for a tracking server (unless the environment sets them)
 HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+                 # not a "View run ... at" line on stdout for every trial run that ends
+                 "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 _SQLITE = "sqlite:///"
 
 # tag keys (one place for each)
