@@ -274,6 +274,46 @@ def test_faults_inside_trials_fail_them_in_both_stores_and_free_their_memory(
     assert runs[1].data.tags["vlmexp.reason"] == study.trials[1].user_attrs["reason"]
 
 
+def test_a_worker_that_loses_the_race_for_its_trial_says_so_and_goes_on(
+        tmp_path, study_models, monkeypatch, capsys):
+    """Another worker fails this worker's second trial as stale while it evaluates (a long
+    pause): this worker does not tell it, says why, logs it as Optuna holds it (FAILED), and
+    the study still ends with n_trials evaluated."""
+    from vlmexp.config import compose
+    from vlmexp.eval import Evaluator
+    from vlmexp.search.study import run_search
+
+    monkeypatch.chdir(tmp_path)
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    real = Evaluator.evaluate
+    calls = {"n": 0}
+
+    def paused(self, model, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:  # meanwhile, another worker finds the trial stale and fails it
+            study = optuna.load_study(study_name="race", storage=storage)
+            running = study.get_trials(states=(TrialState.RUNNING,))[0]
+            study._storage.set_trial_user_attr(running._trial_id, INTERRUPTED, "paused too long")
+            study._storage.set_trial_state_values(running._trial_id, TrialState.FAIL)
+        return real(self, model, **kw)
+
+    monkeypatch.setattr(Evaluator, "evaluate", paused)
+    cfg = compose([*_tiny_overrides(study_models), "search.n_trials=3", "search.baselines=false",
+                   "search.pruning.enabled=false", "study_name=race", f"search.storage={storage}",
+                   f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
+    run_search(cfg, progress=False)
+    assert "trial 1: another worker finished it first (FAIL: paused too long)" in \
+        capsys.readouterr().err
+    study = optuna.load_study(study_name="race", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL,
+                                               TrialState.COMPLETE, TrialState.COMPLETE]
+    client = MlflowClient(cfg.tracking.uri)
+    exp = client.get_experiment_by_name("race").experiment_id
+    lost = client.search_runs([exp], "tags.`vlmexp.trial` = '1'")
+    assert len(lost) == 1 and lost[0].info.status == "FAILED"
+    assert lost[0].data.tags["vlmexp.reason"] == "paused too long"
+
+
 def _tiny_overrides(models: dict[str, Path]) -> list[str]:
     """The tiny models and one image task (no lm-eval: faster workers)."""
     return [f"models.base={models['base']}", f"models.donors.vqa.path={models['vqa']}",
