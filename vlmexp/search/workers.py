@@ -216,7 +216,9 @@ def recover_stale_trials(study: optuna.Study, worker: Worker, *, grace: float, s
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         except LOST_RACE:
             continue  # another worker failed it first; it enqueued the re-run
-        attrs = {k: v for k, v in t.user_attrs.items() if k not in (WORKER, SEED, INTERRUPTED)}
+        # the re-run keeps what the trial was (a baseline's name), not what its run found
+        attrs = {k: v for k, v in t.user_attrs.items()
+                 if k.startswith("vlmexp.") and k not in (WORKER, SEED, INTERRUPTED)}
         attrs[RETRY_OF] = t.number
         params = {**(t.system_attrs.get("fixed_params") or {}), **t.params}
         if params:  # a trial killed before it sampled anything took no candidate
