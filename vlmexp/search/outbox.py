@@ -20,7 +20,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -91,7 +91,8 @@ class Outbox:
             it is retried at the next flush if the tracker does not answer.
     """
 
-    def __init__(self, folder: Path, tracker: Tracker, start: Any = None) -> None:
+    def __init__(self, folder: Path, tracker: Tracker,
+                 start: Callable[[], None] | None = None) -> None:
         self.folder = Path(folder)
         self.tracker = tracker
         self._start = start
