@@ -493,11 +493,12 @@ def _one_trial(s: Setup, heartbeat: float) -> TrialRecord | None:
     worker popped the same enqueued trial and keeps it)."""
     storage = s.study._storage
     trial = s.study.ask()
-    # on SQLite two workers can pop one enqueued trial: the last to claim it runs it
-    if "fixed_params" in storage.get_trial(trial._trial_id).system_attrs and not claim(
-            storage, trial._trial_id, OWNER, s.worker.token, settle=SETTLE_S):
-        return None
+    # beats from the start: a worker killed now is known gone at once on this host
     with Heartbeat(storage, trial._trial_id, s.worker, interval=heartbeat):
+        # on SQLite two workers can pop one enqueued trial: the last to claim it runs it
+        if "fixed_params" in storage.get_trial(trial._trial_id).system_attrs and not claim(
+                storage, trial._trial_id, OWNER, s.worker.token, settle=SETTLE_S):
+            return None
         trial.set_user_attr(WORKER, s.worker.id)
         trial.set_user_attr(SEED, s.worker.seed)
         record = run_trial(trial, s.space, s.engine, s.evaluator, s.pruning)
@@ -542,8 +543,9 @@ def _recover(s: Setup, grace: float) -> None:
 
 def interrupted_record(trial: FrozenTrial, reason: str, space: SearchSpace) -> TrialRecord:
     """The FAIL record of a trial whose worker died: its recipe, as far as it was sampled."""
+    params = {**(trial.system_attrs.get("fixed_params") or {}), **trial.params}
     try:
-        recipe = space.recipe_from_params(trial.params)
+        recipe = space.recipe_from_params(params)
     except Exception:  # noqa: BLE001 - killed before it sampled every parameter
         recipe = None
     tags = {k: str(trial.user_attrs[k]) for k in (WORKER, SEED) if k in trial.user_attrs}
@@ -552,7 +554,7 @@ def interrupted_record(trial: FrozenTrial, reason: str, space: SearchSpace) -> T
                        weights_digest=trial.user_attrs.get("weights_digest"), items=None,
                        reason=f"interrupted: {reason}",
                        baseline=trial.user_attrs.get(BASELINE_ATTR),
-                       params=dict(trial.params), tags=tags)
+                       params=params, tags=tags)
 
 
 def _finish_tracking(s: Setup, result: SearchResult, *, wait: float) -> None:
