@@ -131,6 +131,27 @@ def test_an_unreachable_storage_is_one_line_before_any_model_loads(tmp_path, stu
         "vlmexp search: error: search.storage postgresql://127.0.0.1:1/optuna: cannot open it")
 
 
+def test_a_sqlite_store_is_created_all_or_nothing(tmp_path):
+    """A worker killed while MLflow created its tables in place left a half-migrated file no
+    later run could open: the tables are made in a file of the worker's own, linked into place."""
+    from vlmexp.search.workers import create_sqlite_atomically
+
+    path = tmp_path / "stores" / "mlflow.db"
+
+    def dies(url: str) -> None:
+        Path(url[len("sqlite:///"):]).write_text("half")
+        raise KeyboardInterrupt  # killed in the middle
+
+    with pytest.raises(KeyboardInterrupt):
+        create_sqlite_atomically(path, dies)
+    assert not path.exists() and list(path.parent.iterdir()) == []
+    create_sqlite_atomically(path, lambda url: MlflowClient(url).search_experiments())
+    assert [e.name for e in MlflowClient(f"sqlite:///{path}").search_experiments()] == \
+        ["Default"]
+    create_sqlite_atomically(path, dies)  # there already: left as it is
+    assert sorted(p.name for p in path.parent.iterdir()) == ["mlflow.db"]
+
+
 # ---------------------------------------------------------------------- the outbox
 
 
