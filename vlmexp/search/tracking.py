@@ -373,9 +373,14 @@ class Tracker:
         """Two workers that created a parent run at once keep the older one; drop ours if not."""
         parents = self._parents()
         if parents and parents[0].info.run_id != run_id:
-            self.client.delete_run(run_id)
+            self._drop(run_id)
             return parents[0].info.run_id
         return run_id
+
+    def _drop(self, run_id: str) -> None:
+        """Delete a run, ended first (a deleted run left RUNNING would stay RUNNING)."""
+        self.client.set_terminated(run_id, "KILLED")
+        self.client.delete_run(run_id)
 
     # ------------------------------------------------------------------ trials
     def log_trial(self, record: TrialRecord) -> str:
@@ -402,7 +407,7 @@ class Tracker:
                 if run.info.status != "RUNNING" and run.data.tags.get(STATE) == state:
                     self._runs[record.number] = run.info.run_id
                     return run.info.run_id
-                self.client.delete_run(run.info.run_id)  # half logged, or superseded
+                self._drop(run.info.run_id)  # half logged, or superseded
             tags, params, metrics = _trial_entries(record, state, self.parent_run_id,
                                                    self.study_name)
             tags.update(self.task_tags)
@@ -437,7 +442,7 @@ class Tracker:
         """Two workers that logged one trial at once keep the older run; drop ours if not."""
         runs = self._trial_runs(number)
         if runs and runs[0].info.run_id != run_id:
-            self.client.delete_run(run_id)
+            self._drop(run_id)
             return runs[0].info.run_id
         return run_id
 
