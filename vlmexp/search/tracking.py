@@ -262,7 +262,8 @@ class Tracker:
 
     @property
     def client(self) -> MlflowClient:
-        self.connect()
+        if self._client is None:
+            self.connect()
         assert self._client is not None
         return self._client
 
@@ -281,23 +282,21 @@ class Tracker:
     def _experiment(self, artifact_location: str | None) -> str:
         from mlflow.exceptions import MlflowException
 
-        client = self._client
-        assert client is not None
-        exp = client.get_experiment_by_name(self.experiment)
+        exp = self.client.get_experiment_by_name(self.experiment)
         if exp is None:
             try:
-                return client.create_experiment(
+                return self.client.create_experiment(
                     self.experiment, artifact_location=artifact_location,
                     tags={EXPERIMENT_KIND: "study"})
             except MlflowException:  # another worker created it first
-                exp = client.get_experiment_by_name(self.experiment)
+                exp = self.client.get_experiment_by_name(self.experiment)
                 if exp is None:
                     raise
         if exp.lifecycle_stage == "deleted":
             raise TrackingError(f"MLflow experiment {self.experiment!r} is deleted; restore it "
                                 f"(mlflow experiments restore) or choose another name")
         if exp.tags.get(EXPERIMENT_KIND) != "study":
-            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, "study")
+            self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, "study")
         return exp.experiment_id
 
     def _parents(self) -> list[Run]:
