@@ -59,8 +59,8 @@ def test_study_runs_baselines_first_prunes_and_resumes(tmp_path, models, monkeyp
     assert result.best and result.best[0].value == max(
         t.value for t in trials if t.state == TrialState.COMPLETE)
 
-    # a crash leaves a RUNNING trial (here with trial 4's parameters, and no heartbeat): the
-    # next run marks it failed once its grace period is over and runs its parameters again; at
+    # a crash leaves a RUNNING trial (here with trial 4's parameters) whose heartbeat stopped:
+    # the next run marks it failed and runs its parameters again; at
     # the rung they score below the best trial there, so the strict pruner (percentile 100:
     # keep only the best at a rung) stops it
     study.enqueue_trial(trials[4].params)
@@ -70,13 +70,18 @@ def test_study_runs_baselines_first_prunes_and_resumes(tmp_path, models, monkeyp
     assert stale.params == trials[4].params
     rung = [t.intermediate_values[0] for t in trials[4:]]
     assert trials[4].intermediate_values[0] < max(rung)
+    import time
+
+    # its worker's last heartbeat, ten minutes ago, on another machine
+    study._storage.set_trial_system_attr(stale._trial_id, "vlmexp.heartbeat",
+                                         [time.time() - 600, "elsewhere", 1, "w"])
     cfg = config(tmp_path, models, "search.n_trials=9", "search.pruning.startup_trials=4",
-                 "search.pruning.rungs=[0.5]", "search.pruning.percentile=100",
-                 "search.heartbeat=0.5", "search.grace=1")
+                 "search.pruning.rungs=[0.5]", "search.pruning.percentile=100")
     run_search(cfg, progress=False)
     study = optuna.load_study(study_name="tiny", storage=cfg.search.storage)
     assert study.trials[stale.number].state == TrialState.FAIL
-    assert "no heartbeat" in study.trials[stale.number].user_attrs["vlmexp.interrupted"]
+    assert study.trials[stale.number].user_attrs["vlmexp.interrupted"].startswith(
+        "worker w's heartbeat stopped 6")  # 600 s and the time this run took to start
     rerun = study.trials[stale.number + 1]  # the re-enqueued trial runs first
     assert rerun.user_attrs["vlmexp.retry_of"] == stale.number
     assert rerun.params == stale.params
@@ -101,7 +106,7 @@ def test_study_runs_baselines_first_prunes_and_resumes(tmp_path, models, monkeyp
     statuses = {r.data.tags["vlmexp.state"]: r.info.status for r in children}
     assert statuses == {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
     crashed = next(r for r in children if r.data.tags["vlmexp.trial"] == str(stale.number))
-    assert crashed.data.tags["vlmexp.reason"].startswith("interrupted: no heartbeat")
+    assert crashed.data.tags["vlmexp.reason"].startswith("interrupted: worker w's heartbeat")
     assert "recipe.yaml" in {a.path for a in client.list_artifacts(crashed.info.run_id)}
     # the first run created the study: worker 0, the study's seed; the resumed one another
     workers = [t.user_attrs["vlmexp.worker"] for t in study.trials if t.number != stale.number]
