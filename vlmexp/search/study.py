@@ -4,7 +4,10 @@ Everything heavy is set up once per process (`setup`): the models (the base live
 task vectors), the processor, the evaluator and its data, the Optuna study, the pruning
 schedule and the MLflow tracker; each config group reaches the code it configures as that
 code's arguments. Each trial then only merges in place and evaluates, in rungs when pruning is
-on (`run_trial`).
+on (`run_trial`). Any number of such processes may share one study: each is a worker with its
+own sampler seed, beats for the trial it runs, fails the trials of dead workers
+(`vlmexp.search.workers`), and writes each record to disk before telling Optuna, from where it
+reaches MLflow once (`vlmexp.search.outbox`).
 
 Example:
     >>> from vlmexp.config import compose
