@@ -10,6 +10,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -92,3 +94,29 @@ def demo_study(tmp_path_factory, demo_zoo):
     assert done.returncode == 0, done.stderr[-3000:]
     (folder / "search.out").write_text(done.stdout)  # the demo table as printed
     return folder
+
+
+@pytest.fixture(scope="session")
+def study_models(tmp_path_factory, tiny, tiny_processor) -> dict[str, Path]:
+    """A tiny LLaVA base and relative, and a Llama made from the base's language model."""
+    import copy
+
+    from vlmexp.checkpoint import save_model
+    from vlmexp.zoo.tiny import build
+
+    root = tmp_path_factory.mktemp("study_models")
+    base = tiny("llava")
+    vqa = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in vqa.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    text = build("llama")
+    state = {k.replace("model.language_model.", "model."): v
+             for k, v in base.state_dict().items() if k.startswith("model.language_model.")}
+    state["lm_head.weight"] = base.state_dict()["lm_head.weight"] * 1.3
+    text.load_state_dict(state)
+    out = {}
+    for name, model in (("base", base), ("vqa", vqa), ("text", text)):
+        out[name] = save_model(model, root / name, processor=tiny_processor("llava"))
+    return out

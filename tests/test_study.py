@@ -19,27 +19,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "evals" / "examples"
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, tiny, tiny_processor) -> dict[str, Path]:
-    """A tiny LLaVA base and relative, and a Llama made from the base's language model."""
-    from vlmexp.checkpoint import save_model
-    from vlmexp.zoo.tiny import build
-
-    root = tmp_path_factory.mktemp("study_models")
-    base = tiny("llava")
-    vqa = copy.deepcopy(base)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in vqa.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.5)
-    text = build("llama")
-    state = {k.replace("model.language_model.", "model."): v
-             for k, v in base.state_dict().items() if k.startswith("model.language_model.")}
-    state["lm_head.weight"] = base.state_dict()["lm_head.weight"] * 1.3
-    text.load_state_dict(state)
-    out = {}
-    for name, model in (("base", base), ("vqa", vqa), ("text", text)):
-        out[name] = save_model(model, root / name, processor=tiny_processor("llava"))
-    return out
+def models(study_models) -> dict[str, Path]:
+    return study_models
 
 
 def config(tmp_path: Path, models: dict[str, Path], *extra: str):
@@ -78,9 +59,10 @@ def test_study_runs_baselines_first_prunes_and_resumes(tmp_path, models, monkeyp
     assert result.best and result.best[0].value == max(
         t.value for t in trials if t.state == TrialState.COMPLETE)
 
-    # a crash leaves a RUNNING trial (here with trial 4's parameters): the next run marks it
-    # failed and runs its parameters again; at the rung they score below the best trial there,
-    # so the strict pruner (percentile 100: keep only the best at a rung) stops it
+    # a crash leaves a RUNNING trial (here with trial 4's parameters) whose heartbeat stopped:
+    # the next run marks it failed and runs its parameters again; at
+    # the rung they score below the best trial there, so the strict pruner (percentile 100:
+    # keep only the best at a rung) stops it
     study.enqueue_trial(trials[4].params)
     stale = study.ask()
     for name, dist in trials[4].distributions.items():
@@ -88,19 +70,30 @@ def test_study_runs_baselines_first_prunes_and_resumes(tmp_path, models, monkeyp
     assert stale.params == trials[4].params
     rung = [t.intermediate_values[0] for t in trials[4:]]
     assert trials[4].intermediate_values[0] < max(rung)
+    import time
+
+    # its worker's last heartbeat, ten minutes ago, on another machine
+    study._storage.set_trial_system_attr(stale._trial_id, "vlmexp.heartbeat",
+                                         [time.time() - 600, "elsewhere", 1, "w"])
     cfg = config(tmp_path, models, "search.n_trials=9", "search.pruning.startup_trials=4",
                  "search.pruning.rungs=[0.5]", "search.pruning.percentile=100")
     run_search(cfg, progress=False)
     study = optuna.load_study(study_name="tiny", storage=cfg.search.storage)
     assert study.trials[stale.number].state == TrialState.FAIL
-    rerun = study.trials[-1]
-    assert rerun.number > stale.number and rerun.params == stale.params
+    assert study.trials[stale.number].user_attrs["vlmexp.interrupted"].startswith(
+        "worker w's heartbeat stopped 6")  # 600 s and the time this run took to start
+    rerun = study.trials[stale.number + 1]  # the re-enqueued trial runs first
+    assert rerun.user_attrs["vlmexp.retry_of"] == stale.number
+    assert rerun.params == stale.params
     assert rerun.state == TrialState.PRUNED
     assert rerun.intermediate_values == trials[4].intermediate_values
     assert "rung 0" in rerun.user_attrs["reason"]
-    assert len([t for t in study.trials if t.state != TrialState.FAIL]) == 8
+    # n_trials counts evaluated trials: the interrupted one does not count, one more ran
+    assert len([t for t in study.trials if t.state != TrialState.FAIL]) == 9
+    assert len(study.trials) == 10
 
-    # the MLflow record: one parent run, one child per finished trial, with its recipe
+    # the MLflow record: one parent run, one child per trial, with its recipe; the crashed
+    # trial's run is FAILED with why
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
@@ -108,10 +101,17 @@ def test_study_runs_baselines_first_prunes_and_resumes(tmp_path, models, monkeyp
     runs = client.search_runs([exp.experiment_id], max_results=100)
     parents = [r for r in runs if r.data.tags.get("vlmexp.role") == "study"]
     children = [r for r in runs if r.data.tags.get("vlmexp.role") == "trial"]
-    assert len(parents) == 1
-    assert len(children) == len([t for t in study.trials if t.state != TrialState.RUNNING]) - 1
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(int(r.data.tags["vlmexp.trial"]) for r in children) == list(range(10))
     statuses = {r.data.tags["vlmexp.state"]: r.info.status for r in children}
-    assert statuses == {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}  # the crashed trial has none
+    assert statuses == {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+    crashed = next(r for r in children if r.data.tags["vlmexp.trial"] == str(stale.number))
+    assert crashed.data.tags["vlmexp.reason"].startswith("interrupted: worker w's heartbeat")
+    assert "recipe.yaml" in {a.path for a in client.list_artifacts(crashed.info.run_id)}
+    # the first run created the study: worker 0, the study's seed; the resumed one another
+    workers = [t.user_attrs["vlmexp.worker"] for t in study.trials if t.number != stale.number]
+    assert workers[:7] == ["0"] * 7 and workers[7] != "0"
+    assert {t.user_attrs["vlmexp.sampler_seed"] for t in study.trials[:7]} == {0}
 
 
 @pytest.mark.slow

@@ -83,9 +83,12 @@ class StudyConfig:
     timeout: float | None = None  # seconds; no new trial starts after it
     objectives: list[str] = field(default_factory=lambda: ["combined"])  # directions: Evaluator
     baselines: bool = True  # enqueue base, each donor alone and the uniform average first
-    storage: str | None = None  # Optuna storage URL; default sqlite:///optuna.db
+    storage: str | None = None  # Optuna storage URL (or journal:PATH); default sqlite:///optuna.db
     seed: int = 0
     pruning: PruningConfig = field(default_factory=PruningConfig)
+    worker_id: str | None = None  # default $VLMEXP_WORKER_ID, else "0" / host-pid (workers.py)
+    heartbeat: float = 15.0  # seconds between a running trial's heartbeats
+    grace: float = 120.0  # a running trial whose heartbeat is older is failed and run again
 
 
 @dataclass
@@ -102,6 +105,8 @@ class TrackingConfig:
     uri: str | None = None  # default vlmexp.search.mlflow_store.DEFAULT_URI (the working directory)
     experiment: str | None = None  # default: the study name
     log_items: bool = True
+    queue: str | None = None  # where records wait for MLflow; default .vlmexp_cache/pending/<study>
+    wait: float = 60.0  # seconds the end of a study waits for a tracking server that is down
 
 
 @dataclass
@@ -176,6 +181,9 @@ def _check_choices(cfg: DictConfig) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    if not 0 < cfg.search.heartbeat < cfg.search.grace:
+        raise ConfigError(f"search.heartbeat: {cfg.search.heartbeat} s must be above 0 and "
+                          f"below search.grace ({cfg.search.grace} s)")
     if cfg.search.n_trials < 1:
         raise ConfigError(f"search.n_trials: must be at least 1, got {cfg.search.n_trials}")
     if not cfg.search.objectives:

@@ -24,6 +24,11 @@ if TYPE_CHECKING:
     from mlflow.entities import Run
 
 DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow's own default: the working directory
+# MLflow's HTTP client settings for a tracking server (unless the environment sets them)
+HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+                 # not a "View run ... at" line on stdout for every trial run that ends
+                 "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 _SQLITE = "sqlite:///"
 
 # tag keys (one place for each)
@@ -36,6 +41,8 @@ EXPERIMENT_KIND = "vlmexp.kind"
 # MLflow's own experiment tag: this value opens the UI on the training-runs view (not GenAI's)
 MLFLOW_KIND, MLFLOW_KIND_VALUE = "mlflow.experimentKind", "custom_model_development"
 NOTE = "mlflow.note.content"  # a run's description in the MLflow UI
+# parent-run tag prefix of each worker that joined the study (value: its sampler seed)
+WORKER_PREFIX = "vlmexp.worker."
 # trial-run tag prefix of each component's fingerprint (`merge.fingerprint`: "sum,norm,count")
 FINGERPRINT_PREFIX = "vlmexp.fingerprint."
 PARENT = "mlflow.parentRunId"
@@ -67,6 +74,11 @@ def open_client(tracking_uri: str) -> MlflowClient:
     """An MLflow client for `tracking_uri`, without telemetry or progress bars."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if tracking_uri.startswith(("http://", "https://")):
+        # MLflow retries a request for minutes by default; a study notices a down server in
+        # seconds and queues its records instead (vlmexp.search.outbox)
+        for key, value in HTTP_SETTINGS.items():
+            os.environ.setdefault(key, value)
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)

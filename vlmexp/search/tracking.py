@@ -65,6 +65,7 @@ from vlmexp.search.mlflow_store import (
     STUDY,
     TASK_PREFIX,
     TRIAL,
+    WORKER_PREFIX,
     as_tracking_error,
     direction,
     open_client,
@@ -72,6 +73,7 @@ from vlmexp.search.mlflow_store import (
     search_all,
     sqlite_file,
 )
+from vlmexp.search.workers import create_sqlite_atomically
 from vlmexp.serial import json_safe
 
 if TYPE_CHECKING:
@@ -105,6 +107,10 @@ class TrialRecord:
     # component -> fingerprint of the merged weights (`ApplyResult.fingerprints`), which
     # `reproduce` compares where the exact digest differs (another device or dtype)
     fingerprints: dict[str, Fingerprint] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)  # more run tags (worker, sampler seed)
+    # ms since the epoch of its metrics: set once, so that a record logged again (after a
+    # crash or an outage) writes the same rows
+    timestamp: int | None = None
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -215,6 +221,8 @@ class Tracker:
             SQLite store's file (`default_artifact_location`).
         log_items: log each trial's per-item results (`TrialRecord.items`) as `items.json`;
             False leaves them out.
+        lazy: open the store at first use rather than now (a study goes on while the
+            tracking server is down: `vlmexp.search.outbox`).
 
     Example:
         >>> with Tracker(tracking_uri="sqlite:///runs/mlflow.db", experiment="demo",
@@ -224,7 +232,8 @@ class Tracker:
     """
 
     def __init__(self, *, tracking_uri: str | None, experiment: str, study_name: str,
-                 artifact_location: str | None = None, log_items: bool = True) -> None:
+                 artifact_location: str | None = None, log_items: bool = True,
+                 lazy: bool = False) -> None:
         self.tracking_uri = tracking_uri or DEFAULT_URI
         self.experiment = experiment
         self.study_name = study_name
@@ -234,10 +243,38 @@ class Tracker:
         self.objectives: list[str] = []
         self.directions: list[str] = []
         self._runs: dict[int, str] = {}  # trial number -> child run id, logged by this process
-        with as_tracking_error(f"MLflow ({self.tracking_uri}): open experiment {experiment!r}"):
-            self.client = open_client(self.tracking_uri)
-            self.experiment_id = self._experiment(
-                artifact_location or default_artifact_location(self.tracking_uri, experiment))
+        self._artifact_location = artifact_location
+        self._client: MlflowClient | None = None
+        self._experiment_id: str | None = None
+        if not lazy:
+            self.connect()
+
+    def connect(self) -> None:
+        """Open the store and the experiment (creating it); TrackingError when it fails."""
+        if self._experiment_id is not None:
+            return
+        with as_tracking_error(f"MLflow ({self.tracking_uri}): open experiment "
+                               f"{self.experiment!r}"):
+            path = sqlite_file(self.tracking_uri)
+            if path is not None:
+                create_sqlite_atomically(path, lambda url: open_client(url).search_experiments())
+            self._client = self._client or open_client(self.tracking_uri)
+            self._experiment_id = self._experiment(
+                self._artifact_location
+                or default_artifact_location(self.tracking_uri, self.experiment))
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self.connect()
+        assert self._client is not None
+        return self._client
+
+    @property
+    def experiment_id(self) -> str:
+        self.connect()
+        assert self._experiment_id is not None
+        return self._experiment_id
 
     def __enter__(self) -> Tracker:
         return self
@@ -274,14 +311,16 @@ class Tracker:
 
     # ------------------------------------------------------------------ parent run
     def start(self, config: Mapping[str, Any], *, objectives: Sequence[str],
-              directions: Sequence[str], tasks: Mapping[str, str] | None = None) -> str:
+              directions: Sequence[str], tasks: Mapping[str, str] | None = None,
+              workers: Mapping[str, int] | None = None) -> str:
         """Create (or, when resuming, re-use) the study's parent run and log the config.
 
         The composed config goes to `config.yaml` and to flattened params; each evaluation
         task's identity (`Evaluator.identity`: version, protocol, prompt digest) to the param
         `task.<name>`. A resumed study whose
         config changed keeps the first values as params, records the changed keys in the tag
-        `vlmexp.config_changed` and the new config as `config.resumed-<time>.yaml`.
+        `vlmexp.config_changed` and the new config as `config.resumed-<time>.yaml`. `workers`
+        (worker id -> sampler seed) go to tags `vlmexp.worker.<id>`.
 
         Returns:
             The parent run's id.
@@ -305,6 +344,8 @@ class Tracker:
                                                                strict=True))
                       + ". One child run per trial (its recipe.yaml rebuilds the merge); here: "
                         "config.yaml, the best trial or Pareto front, plots/."}
+        # each worker that joined the study, with its sampler seed
+        tags.update({f"{WORKER_PREFIX}{wid}": str(seed) for wid, seed in (workers or {}).items()})
         with as_tracking_error(f"MLflow: start the run of study {self.study_name!r}"):
             existing = self._parents()
             if existing:
@@ -331,6 +372,8 @@ class Tracker:
                 if run_id == run.info.run_id:
                     _log_batch(self.client, run_id, params=params)
                     self.client.log_text(run_id, text, "config.yaml")
+                else:  # another worker's run is the study's: this worker joins it
+                    _log_batch(self.client, run_id, tags=tags)
         self.parent_run_id = run_id
         return run_id
 
@@ -338,16 +381,23 @@ class Tracker:
         """Two workers that created a parent run at once keep the older one; drop ours if not."""
         parents = self._parents()
         if parents and parents[0].info.run_id != run_id:
-            self.client.delete_run(run_id)
+            self._drop(run_id)
             return parents[0].info.run_id
         return run_id
+
+    def _drop(self, run_id: str) -> None:
+        """Delete a run, ended first (a deleted run left RUNNING would stay RUNNING)."""
+        self.client.set_terminated(run_id, "KILLED")
+        self.client.delete_run(run_id)
 
     # ------------------------------------------------------------------ trials
     def log_trial(self, record: TrialRecord) -> str:
         """Log one trial as a child run of the study's run (status from its state).
 
         The run gets `recipe.yaml` when the record has a recipe, and `items.json` when it has
-        items and the tracker was made with `log_items=True`.
+        items and the tracker was made with `log_items=True`. A trial has one child run: one
+        already logged in the same state is kept (nothing is logged twice); one left half
+        logged (RUNNING) by a crash, or logged in another state, is replaced.
 
         Returns:
             The child run's id.
@@ -361,6 +411,11 @@ class Tracker:
         name = f"trial-{record.number:04d}" + (f" ({record.baseline})" if record.baseline else "")
         run_id = None
         with as_tracking_error(f"MLflow: log trial {record.number}"):
+            for run in self._trial_runs(record.number):
+                if run.info.status != "RUNNING" and run.data.tags.get(STATE) == state:
+                    self._runs[record.number] = run.info.run_id
+                    return run.info.run_id
+                self._drop(run.info.run_id)  # half logged, or superseded
             tags, params, metrics = _trial_entries(record, state, self.parent_run_id,
                                                    self.study_name)
             tags.update(self.task_tags)
@@ -374,6 +429,7 @@ class Tracker:
                     self.client.log_text(run_id, json.dumps(json_safe(record.items)),
                                          "items.json")
                 self.client.set_terminated(run_id, STATUS[state])
+                run_id = self._settle_trial(record.number, run_id)
             except Exception:
                 if run_id is not None:  # do not leave a half-logged run RUNNING
                     try:
@@ -382,6 +438,20 @@ class Tracker:
                         pass
                 raise
         self._runs[record.number] = run_id
+        return run_id
+
+    def _trial_runs(self, number: int) -> list[Run]:
+        """The study's active child runs of trial `number`, oldest first."""
+        filt = (f"tags.`{PARENT}` = '{self.parent_run_id}' and tags.`{TRIAL}` = '{number}'")
+        runs = search_all(self.client, [self.experiment_id], filt)
+        return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
+    def _settle_trial(self, number: int, run_id: str) -> str:
+        """Two workers that logged one trial at once keep the older run; drop ours if not."""
+        runs = self._trial_runs(number)
+        if runs and runs[0].info.run_id != run_id:
+            self._drop(run_id)
+            return runs[0].info.run_id
         return run_id
 
     def child_runs(self) -> dict[int, str]:
@@ -539,10 +609,11 @@ def _trial_entries(record: TrialRecord, state: str, parent_run_id: str, study_na
     if record.reason:
         tags[REASON] = one_line(record.reason, _MAX_TAG)
     tags[NOTE] = _describe(record, state)
+    tags.update({k: str(v) for k, v in record.tags.items()})
     params = record.recipe.flat_params() if record.recipe is not None else {}
     params.update({f"optuna.{k}": json.dumps(v) if isinstance(v, list) else str(v)
                    for k, v in record.params.items()})
-    now = int(time.time() * 1000)
+    now = record.timestamp if record.timestamp is not None else int(time.time() * 1000)
     named = [(f"objective.{k}", v, 0) for k, v in record.values.items()]
     named += [(k, v, 0) for k, v in record.metrics.items()]
     named += [(f"seconds.{k}", v, 0) for k, v in record.seconds.items()]
