@@ -10,7 +10,7 @@ config run through `run_search` (its own temporary Optuna and MLflow store):
   TIES, λ                `space=scale_ties merge=ties`: the paper's top-20% (density 0.2), λ grid
   DARE-TIES, λ           `space=scale_dare merge=dare_ties`: drop rate 0.9 (density 0.1), the
                          paper's 1/p rescale, λ grid; masks from merge.seed (3 seeds)
-  CMA-ES, one weight     `space=global search.sampler=cmaes`, no pruning: one weight per donor
+  CMA-ES, one weight     `space=global search.sampler=cmaes`: one weight per donor
   per donor              for the whole model on the summed task scores (mergekit-evolve; 3 seeds)
   LM-only into the VLM   `space=language_into_vqa`: the vqa-expert whole, plus the text-expert's
                          language-model change at a scale on a 40-point grid in [0, 2]
@@ -30,8 +30,10 @@ config run through `run_search` (its own temporary Optuna and MLflow store):
   Pareto (vl, text)      `search=pareto` (seed 0): the front's best test vl with test text >= 90%
                          of the text-expert's, for the skill-gap question
 
-Grid rows and CMA-ES evaluate every candidate in full (no pruning), which is more evaluation than
-vlmexp's pruned trials spend; "evals" counts candidates, "full" full-evaluation equivalents.
+Every study row uses the default rung pruning (the same harness); "evals" counts candidates
+evaluated, "full" their cost in full evaluations (a pruned candidate counts the share of items it
+was scored on). AdaMMS scores each of its 40 candidates in full: its criterion needs every answer.
+"wall s" is each row's own time (set-up, search and test report; after one untimed warm-up trial).
 
 Usage:
     python benchmarks/baselines.py [--seeds 0 1 2] [--only NAME ...] [key=value ...]
@@ -260,6 +262,8 @@ def main() -> int:
     rows: dict[str, list[dict[str, Any]]] = {}
     front = None
     with tempfile.TemporaryDirectory(prefix="baselines-") as tmp:
+        # one untimed trial first: the process's one-time imports and compilations
+        study([], name="warm-up", trials=1, seed=0, workdir=Path(tmp) / "warm-up")
         jobs: list[tuple[str, Callable[[int], dict[str, Any]], list[int]]] = []
         for label, (_, _, _, seeded) in STUDIES.items():
             jobs.append((label, lambda s, label=label: run_study(label, s, Path(tmp),
@@ -273,6 +277,10 @@ def main() -> int:
             for seed in seeds:
                 print(f"--- {label}, seed {seed}", file=sys.stderr, flush=True)
                 rows.setdefault(label, []).append(job(seed))
+                r = rows[label][-1]
+                print(f"=== {label}, seed {seed}: test vl {r['vl']:.3f} text {r['text']:.3f} "
+                      f"combined {r['combined']:.3f}, {r['seconds']:.0f} s", file=sys.stderr,
+                      flush=True)
         if wanted(PARETO):
             print(f"--- {PARETO}, seed {args.seeds[0]}", file=sys.stderr, flush=True)
             front = pareto(args.seeds[0], Path(tmp), args.overrides)

@@ -168,3 +168,66 @@ def test_config_objective_choices_and_the_held_out_report():
 def test_unknown_objective_kind_is_refused(tiny_processor):
     with pytest.raises(EvalError, match="objective 'guess' is not one of"):
         Evaluator([], {}, tiny_processor("llava"), objective="guess")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny, tiny_processor) -> dict[str, Path]:
+    """A tiny LLaVA base, a perturbed relative and a Llama from the base's language model."""
+    import copy
+
+    from vlmexp.checkpoint import save_model
+    from vlmexp.zoo.tiny import build
+
+    root = tmp_path_factory.mktemp("unsupervised_models")
+    base = tiny("llava")
+    vqa = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in vqa.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    text = build("llama")
+    text.load_state_dict({k.replace("model.language_model.", "model."): v
+                          for k, v in base.state_dict().items()
+                          if k.startswith("model.language_model.") or k == "lm_head.weight"})
+    return {name: save_model(model, root / name, processor=tiny_processor("llava"))
+            for name, model in (("base", base), ("vqa", vqa), ("text", text))}
+
+
+@pytest.mark.slow
+def test_an_unsupervised_study_screened_on_subsets(tmp_path, models, monkeypatch):
+    """A study on the unsupervised objective with the subset screen: every complete trial's
+    value is its tasks' mean confidence, and the screen stops a trial only with its reason."""
+    import mlflow
+    from omegaconf import OmegaConf
+
+    from vlmexp.config import validate
+    from vlmexp.search.study import run_search
+
+    monkeypatch.chdir(tmp_path)
+    tasks = f"[{EXAMPLES / 'shapes_jsonl.yaml'},{EXAMPLES / 'next_item_lmeval.yaml'}]"
+    raw = OmegaConf.to_container(compose([
+        f"models.base={models['base']}", f"models.donors.vqa.path={models['vqa']}",
+        f"models.donors.text.path={models['text']}", "eval=unsupervised",
+        f"eval.tasks={tasks}", "eval.test_tasks=[]",
+        f"search.storage=sqlite:///{tmp_path / 'optuna.db'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "study_name=tiny",
+        "search.sampler=random", "search.n_trials=8", "search.pruning.pruner=subset",
+        "search.pruning.rungs=[0.5]", "search.pruning.startup_trials=4",
+        "search.pruning.z=0.0"]))
+    raw["eval"]["objectives"] = {"combined": {"example_shapes_jsonl": 1.0,
+                                              "example_next_item": 1.0}}
+    result = run_search(validate(raw), progress=False)
+    assert result.trials == 8
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tiny")
+    runs = [r for r in client.search_runs([exp.experiment_id], max_results=100)
+            if r.data.tags.get("vlmexp.role") == "trial"]
+    complete = [r for r in runs if r.data.tags["vlmexp.state"] == "COMPLETE"]
+    assert len(complete) >= 4
+    for r in complete:
+        m = r.data.metrics
+        assert m["objective.combined"] == pytest.approx(
+            (m["example_shapes_jsonl.confidence"] + m["example_next_item.confidence"]) / 2)
+    for r in runs:
+        if r.data.tags["vlmexp.state"] == "PRUNED":
+            assert "standard errors worse than the best" in r.data.tags["vlmexp.reason"]

@@ -159,8 +159,8 @@ def validate(raw: Any) -> DictConfig:
 
 def _check_choices(cfg: DictConfig) -> None:
     # each choice list lives with the code that acts on it
-    from vlmexp.layout import VOCAB_POLICIES
     from vlmexp.eval.evaluator import OBJECTIVE_KINDS
+    from vlmexp.layout import VOCAB_POLICIES
     from vlmexp.merge.methods import METHODS
     from vlmexp.merge.recipe import DTYPES, MAPS
     from vlmexp.search.pruning import PRUNERS
