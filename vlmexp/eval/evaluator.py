@@ -527,7 +527,9 @@ class Evaluator:
         the unsupervised objective) and the standard error of a mean of n items drawn without
         replacement from the task's N (finite-population factor (N − n)/(N − 1)), its variance
         that of a Bernoulli of add-one-smoothed mean p̃ = (Σx + 1)/(n + 2) (the largest for values
-        in [0, 1], and not zero when all n items agree); an objective combines its tasks' as
+        in [0, 1], and not zero when all n items agree; values outside [0, 1]: the sample
+        variance). Rungs take each task's seeded subset in order, so a rung is a random sample
+        of it where the task sets `subset`. An objective combines its tasks' as
         `objective_values` does, errors in quadrature. An objective with a task whose items have
         no value of their own (a perplexity) is left out.
 
@@ -549,9 +551,14 @@ class Evaluator:
                 continue
             n, big_n = len(values), max(len(self._subsets[name]), len(values))
             mean = sum(values) / n
-            p = (sum(values) + 1) / (n + 2)
+            if all(0.0 <= v <= 1.0 for v in values):
+                p = (sum(values) + 1) / (n + 2)
+                var = p * (1 - p)
+            else:  # another scale (an lm-eval metric): the sample variance
+                var = (sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1
+                       else math.inf)
             fpc = (big_n - n) / (big_n - 1) if big_n > 1 else 0.0
-            per_task[name] = mean, p * (1 - p) / n * fpc
+            per_task[name] = mean, var / n * fpc if fpc else 0.0
         out: dict[str, tuple[float, float]] = {}
         for obj, weights in self.objectives.items():
             present = {t: w for t, w in weights.items() if t in items}
