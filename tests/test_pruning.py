@@ -57,7 +57,8 @@ def test_stops_and_optuna_pruners():
     kinds = {name: type(Pruning(objectives=["c"], pruner=name).optuna_pruner()).__name__
              for name in PRUNERS}
     assert kinds == {"percentile": "PercentilePruner", "median": "MedianPruner",
-                     "halving": "SuccessiveHalvingPruner", "paired": "NopPruner"}
+                     "halving": "SuccessiveHalvingPruner", "paired": "NopPruner",
+                     "subset": "NopPruner"}
 
 
 def _part(value: dict[int, float | None]):

@@ -72,6 +72,7 @@ class PruningConfig:
     pruner: str = "percentile"  # a key of vlmexp.search.pruning.PRUNERS
     percentile: float = 65.0  # percentile pruner: stop a trial below this percentile at a rung
     p_threshold: float = 0.1  # paired pruner: stop when a sign test against the best gives p below
+    z: float = 1.0  # subset pruner: stop when the estimate + z standard errors is below the best
     startup_trials: int = 6  # complete trials before anything is pruned
     margin: float = 0.02  # several objectives: how far a trial must be dominated at a rung
 
@@ -98,6 +99,7 @@ class EvalConfig:
     test_tasks: list[str] = field(default_factory=list)  # held-out tasks for the final report
     test_objectives: dict[str, dict[str, float]] = field(default_factory=dict)
     batch_size: int = 16
+    objective: str = "labelled"  # labelled | unsupervised (vlmexp.eval.evaluator.OBJECTIVE_KINDS)
 
 
 @dataclass
@@ -163,6 +165,7 @@ def validate(raw: Any) -> DictConfig:
 
 def _check_choices(cfg: DictConfig) -> None:
     # each choice list lives with the code that acts on it
+    from vlmexp.eval.evaluator import OBJECTIVE_KINDS
     from vlmexp.layout import VOCAB_POLICIES
     from vlmexp.merge.methods import METHODS
     from vlmexp.merge.recipe import DTYPES, MAPS
@@ -175,6 +178,7 @@ def _check_choices(cfg: DictConfig) -> None:
         "merge.vocab": (cfg.merge.vocab, VOCAB_POLICIES),
         "merge.method": (cfg.merge.method, tuple(METHODS)),
         "merge.dtype": (cfg.merge.dtype, DTYPES),
+        "eval.objective": (cfg.eval.objective, OBJECTIVE_KINDS),
     }
     choices.update({f"models.donors.{name}.map": (d.map, MAPS)
                     for name, d in cfg.models.donors.items()})
@@ -195,10 +199,14 @@ def _check_choices(cfg: DictConfig) -> None:
     for r in cfg.search.pruning.rungs:
         if not 0 < r < 1:
             raise ConfigError(f"search.pruning.rungs: {r} is not a fraction in (0, 1)")
-    if cfg.search.pruning.pruner == "paired" and len(cfg.search.objectives) > 1:
-        raise ConfigError("search.pruning.pruner: paired compares one objective with the best "
-                          "trial's; with several objectives a trial is pruned when dominated "
+    if cfg.search.pruning.pruner in ("paired", "subset") and len(cfg.search.objectives) > 1:
+        raise ConfigError(f"search.pruning.pruner: {cfg.search.pruning.pruner} compares one "
+                          "objective with the best trial's; with several objectives a trial is pruned when dominated "
                           "(set search.pruning.margin) and the pruner has no effect")
+    if cfg.eval.objective == "unsupervised" and cfg.search.pruning.pruner == "paired":
+        raise ConfigError("search.pruning.pruner: paired compares items' scores against the "
+                          "answers, which eval.objective=unsupervised does not read; use "
+                          "percentile or subset")
     check_device(str(cfg.device), key="device")
 
 

@@ -27,6 +27,11 @@ from vlmexp.eval.scorer import ContinuationScore, encode_choices, model_type, sc
 from vlmexp.eval.tasks import Item, Task, Variant, load_tasks
 from vlmexp.serial import json_safe
 
+# How an objective is computed from a task (`eval.objective`): "labelled" from the task's primary
+# metric (accuracy against the answers), "unsupervised" from its `confidence` (no label read).
+OBJECTIVE_KINDS = ("labelled", "unsupervised")
+CONFIDENCE = "confidence"
+
 # Batches of items per `score_items` call: enough that prompts of one length fill batches of
 # their own (unpadded), few enough that the progress bar moves.
 _WINDOW = 16
@@ -113,6 +118,30 @@ def _image_accuracy(task: Task, scores: Sequence[ItemScore]) -> dict[str, float]
             sum(flags) / len(flags) for c, flags in groups.items() if flags}
 
 
+def item_confidence(scores: Sequence[float]) -> float:
+    """1 − H(p)/log K for p = softmax of one item's K choice log-likelihoods: 1 when the model
+    puts all its mass on one choice, 0 when it is uniform (K < 2: 1). Reads no label.
+
+    Example:
+        >>> round(item_confidence([math.log(0.5), math.log(0.5)]), 6)
+        0.0
+    """
+    k = len(scores)
+    if k < 2:
+        return 1.0
+    top = max(scores)
+    weights = [math.exp(s - top) for s in scores]
+    total = sum(weights)
+    entropy = -sum(w / total * math.log(w / total) for w in weights if w > 0)
+    return 1.0 - entropy / math.log(k)
+
+
+def _confidence(scores: Sequence[ItemScore]) -> float:
+    """A task's unsupervised score: the mean `item_confidence` over its items (AdaMerging's
+    entropy, rescaled so that higher is better and one scale serves any number of choices)."""
+    return sum(item_confidence(s.scores) for s in scores) / len(scores)
+
+
 def _share_tensors(first: dict[str, torch.Tensor], prefix: dict[str, torch.Tensor]) -> None:
     """Let `prefix` hold `first`'s tensors where they are equal (a rotation's pixel values are
     its item's): the encodings of one item's prompts keep one copy of the image in memory."""
@@ -142,6 +171,9 @@ class Evaluator:
         batch_size: image tasks: items scored together, and prompts (then answers) per
             forward; lm-eval's batch size.
         device: where inputs go; the model stays where it is.
+        objective: "labelled" (objectives from the tasks' primary metrics) or "unsupervised"
+            (from each task's `confidence`, 1 − the mean normalized entropy of the choice
+            distribution: no answer is read; for users with inputs but no labels).
 
     Example:
         >>> ev = Evaluator.from_config({"tasks": ["evals/examples/shapes_jsonl.yaml"],
@@ -151,8 +183,12 @@ class Evaluator:
     """
 
     def __init__(self, tasks: Sequence[Task], objectives: Mapping[str, Mapping[str, float]],
-                 processor: Any, *, batch_size: int = 16, device: str = "cpu") -> None:
+                 processor: Any, *, batch_size: int = 16, device: str = "cpu",
+                 objective: str = "labelled") -> None:
         self.tasks = {t.name: t for t in tasks}
+        if objective not in OBJECTIVE_KINDS:
+            raise EvalError(f"objective {objective!r} is not one of {', '.join(OBJECTIVE_KINDS)}")
+        self.objective = objective
         if len(self.tasks) != len(tasks):
             raise EvalError("two tasks share one name")
         for obj, weights in objectives.items():
@@ -190,6 +226,8 @@ class Evaluator:
             )
             for t in lm_tasks:
                 self._subsets[t.name] = t.subset_indices(self._lmeval.num_docs(t.lm_eval_task))
+        if objective == "unsupervised":
+            self._check_unsupervised(lm_tasks)
         self._directions = {t.name: self._task_direction(t) for t in tasks}
         self._objective_directions = {o: self._objective_direction(o) for o in self.objectives}
 
@@ -211,12 +249,28 @@ class Evaluator:
         tasks = load_tasks([Path(base_dir) / p for p in paths])
         objectives = cfg.get("objectives") or {t.name: {t.name: 1.0} for t in tasks}
         return cls(tasks, objectives, processor, batch_size=int(cfg.get("batch_size", 16)),
-                   device=str(cfg.get("device", "cpu")))
+                   device=str(cfg.get("device", "cpu")),
+                   objective=str(cfg.get("objective", "labelled")))
+
+    def _check_unsupervised(self, lm_tasks: Sequence[Task]) -> None:
+        """The unsupervised objective needs a choice distribution per item: lm-eval tasks must
+        be multiple choice."""
+        for t in lm_tasks:
+            assert self._lmeval is not None
+            kind = getattr(self._lmeval.tasks[str(t.lm_eval_task)], "OUTPUT_TYPE", "")
+            if kind != "multiple_choice":
+                raise EvalError(f"{t.path}: objective unsupervised needs multiple-choice tasks; "
+                                f"lm-eval task {t.lm_eval_task!r} is {kind or 'not'} multiple "
+                                f"choice")
+
+    def _objective_metric(self, task: Task) -> str:
+        """The metric of `task` that objectives average (`objective`)."""
+        return CONFIDENCE if self.objective == "unsupervised" else task.primary_metric
 
     def _task_direction(self, task: Task) -> str:
         """"maximize" or "minimize": how the task's primary metric improves (image tasks: up;
-        lm-eval tasks: as the task's `higher_is_better()` says)."""
-        if task.kind != "lm_eval":
+        lm-eval tasks: as the task's `higher_is_better()` says; confidence: up)."""
+        if task.kind != "lm_eval" or self.objective == "unsupervised":
             return "maximize"
         assert self._lmeval is not None and task.lm_eval_task is not None
         declared = self._lmeval.higher_is_better(task.lm_eval_task)
@@ -320,6 +374,8 @@ class Evaluator:
             metrics["acc_vanilla"] = first_correct / n
         metrics["margin"] = sum(s.margin for s in out) / n
         metrics.update(shares)  # per category
+        if self.objective == "unsupervised":
+            metrics[CONFIDENCE] = _confidence(out)
         return metrics, out
 
     # --- evaluation ---------------------------------------------------------------------------
@@ -384,7 +440,7 @@ class Evaluator:
                 bar.close()
         result.seconds["total"] = time.perf_counter() - t_all
         result.objectives = self.objective_values(
-            {t: m[self.tasks[t].primary_metric] for t, m in result.metrics.items()})
+            {t: m[self._objective_metric(self.tasks[t])] for t, m in result.metrics.items()})
         return result
 
     def identity(self) -> dict[str, str]:
@@ -457,9 +513,62 @@ class Evaluator:
                 found = self._lmeval.aggregate(task.lm_eval_task, [s.values for s in ordered])
             else:
                 found = _image_accuracy(task, scores)
-            primary[name] = found[task.primary_metric]
+            if self.objective == "unsupervised":
+                found[CONFIDENCE] = _confidence(scores)
+            primary[name] = found[self._objective_metric(task)]
             metrics.update({f"{name}.{m}": v for m, v in found.items()})
         return self.objective_values(primary), metrics
+
+    def estimate(self, parts: Sequence[EvalResult]) -> dict[str, tuple[float, float]]:
+        """Each objective's value over its tasks' whole subsets, estimated from the items of
+        `parts` (a fixed share of every task, e.g. a trial's first rung), with a standard error.
+
+        Per task, the mean of the items' own values (`ItemScore.value`; `item_confidence` under
+        the unsupervised objective) and the standard error of a mean of n items drawn without
+        replacement from the task's N (finite-population factor (N − n)/(N − 1)), its variance
+        that of a Bernoulli of add-one-smoothed mean p̃ = (Σx + 1)/(n + 2) (the largest for values
+        in [0, 1], and not zero when all n items agree; values outside [0, 1]: the sample
+        variance). Rungs take each task's seeded subset in order, so a rung is a random sample
+        of it where the task sets `subset`. An objective combines its tasks' as
+        `objective_values` does, errors in quadrature. An objective with a task whose items have
+        no value of their own (a perplexity) is left out.
+
+        Example:
+            >>> evaluator.estimate([rung0])["combined"]  # doctest: +SKIP
+            (0.71, 0.05)
+        """
+        items: dict[str, list[ItemScore]] = {}
+        for part in parts:
+            for task, scores in part.items.items():
+                items.setdefault(task, []).extend(scores)
+        per_task: dict[str, tuple[float, float]] = {}
+        for name, scores in items.items():
+            if self.objective == "unsupervised":
+                values = [item_confidence(s.scores) for s in scores]
+            else:
+                values = [s.value for s in scores]
+            if not values or any(v is None for v in values):
+                continue
+            n, big_n = len(values), max(len(self._subsets[name]), len(values))
+            mean = sum(values) / n
+            if all(0.0 <= v <= 1.0 for v in values):
+                p = (sum(values) + 1) / (n + 2)
+                var = p * (1 - p)
+            else:  # another scale (an lm-eval metric): the sample variance
+                var = (sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1
+                       else math.inf)
+            fpc = (big_n - n) / (big_n - 1) if big_n > 1 else 0.0
+            per_task[name] = mean, var / n * fpc if fpc else 0.0
+        out: dict[str, tuple[float, float]] = {}
+        for obj, weights in self.objectives.items():
+            present = {t: w for t, w in weights.items() if t in items}
+            total = sum(present.values())
+            if not present or total <= 0 or any(t not in per_task for t in present):
+                continue
+            value = sum(w * per_task[t][0] for t, w in present.items()) / total
+            var = sum((w / total) ** 2 * per_task[t][1] for t, w in present.items())
+            out[obj] = value, math.sqrt(var)
+        return out
 
     def _lm_tasks(self, model: torch.nn.Module, names: list[str], slices: dict[str, list[int]],
                   result: EvalResult, bar: Any) -> None:
@@ -488,6 +597,8 @@ class Evaluator:
             result.items[n] = [
                 ItemScore(task=n, **self._lmeval.item_record(lm, by_doc[d], metric, out.values[d]))
                 for d in mine]
+            if self.objective == "unsupervised":
+                result.metrics[n][CONFIDENCE] = _confidence(result.items[n])
             # lm-eval runs all its tasks in one call: share its time by item count
             result.seconds[n] = spent * len(slices[n]) / sum(len(slices[m]) for m in names)
             if bar is not None:
@@ -508,4 +619,6 @@ def eval_config(eval_node: Mapping[str, Any], *, device: str, test: bool = False
     tasks = list(eval_node.get("test_tasks" if test else "tasks") or [])
     return {"tasks": [str(project_path(t)) for t in tasks],
             "objectives": eval_node.get("test_objectives" if test else "objectives") or {},
-            "batch_size": eval_node.get("batch_size", 16), "device": device}
+            "batch_size": eval_node.get("batch_size", 16), "device": device,
+            # the held-out report is always scored against the answers
+            "objective": "labelled" if test else eval_node.get("objective", "labelled")}

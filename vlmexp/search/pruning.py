@@ -3,8 +3,11 @@
 A trial is evaluated on growing fractions of every task (`rungs`, then the whole). After each
 rung, with one objective, Optuna's pruner (percentile, median, successive halving) compares the
 running value with the complete trials at that rung, or the paired sign test compares the items
-scored so far with the same items of the best complete trial; with several objectives, a trial
-that a complete trial dominated by `margin` at the same rung stops.
+scored so far with the same items of the best complete trial, or (`subset`, MERGE³-style
+screening) the full-set value estimated from the items so far, with its standard error
+(`Evaluator.estimate`), is compared with the best complete trial's: a trial whose estimate plus
+`z` standard errors is below it stops; with several objectives, a trial that a complete trial
+dominated by `margin` at the same rung stops.
 
 Every comparison follows each objective's direction (`directions`, from
 `Evaluator.directions()`): a perplexity objective is minimised. Optuna's pruners read the
@@ -47,7 +50,12 @@ PRUNERS: dict[str, Callable[[Pruning], optuna.pruners.BasePruner]] = {
     "halving": lambda p: optuna.pruners.SuccessiveHalvingPruner(min_resource=1,
                                                                 reduction_factor=2),
     "paired": lambda p: optuna.pruners.NopPruner(),
+    "subset": lambda p: optuna.pruners.NopPruner(),
 }
+
+# The full-set estimate of each objective, with its standard error, from a trial's rungs so far
+# (`Evaluator.estimate`): what the subset screen reads.
+Estimate = Callable[[Sequence["EvalResult"]], Mapping[str, tuple[float, float]]]
 
 
 def paired_p_value(worse: int, better: int) -> float:
@@ -93,14 +101,18 @@ class Pruning:
         pruner: one of `PRUNERS`.
         percentile: percentile pruner: stop a trial below this percentile at a rung.
         p_threshold: paired pruner: stop when the sign test against the best gives p below it.
+        z: subset pruner: stop when the estimate plus `z` standard errors is below the best.
         startup_trials: complete trials before anything is pruned.
         margin: several objectives: how far a trial must be dominated at a rung.
+        estimate: subset pruner: the full-set estimate with its standard error
+            (`Evaluator.estimate`); without it the subset pruner stops nothing.
     """
 
     def __init__(self, *, objectives: Sequence[str], directions: Sequence[str] | None = None,
                  enabled: bool = True, rungs: Sequence[float] = (0.125, 0.25, 0.5),
                  pruner: str = "percentile", percentile: float = 65.0, p_threshold: float = 0.1,
-                 startup_trials: int = 6, margin: float = 0.02) -> None:
+                 startup_trials: int = 6, margin: float = 0.02, z: float = 1.0,
+                 estimate: Estimate | None = None) -> None:
         self.objectives = list(objectives)
         self.directions = list(directions or ["maximize"] * len(self.objectives))
         if len(self.directions) != len(self.objectives) or not set(self.directions) <= {
@@ -116,6 +128,8 @@ class Pruning:
         self.p_threshold = float(p_threshold)
         self.startup_trials = int(startup_trials)
         self.margin = float(margin)
+        self.z = float(z)
+        self.estimate = estimate
         self.history = History()
 
     def optuna_pruner(self) -> optuna.pruners.BasePruner:
@@ -142,6 +156,8 @@ class Pruning:
             return None
         if single and self.pruner == "paired":
             return self._paired(done, parts)
+        if single and self.pruner == "subset":
+            return self._subset(done, parts)
         if single:
             if trial.should_prune():
                 return (f"{self.objectives[0]}={values[self.objectives[0]]:.3f} after {done} "
@@ -178,6 +194,20 @@ class Pruning:
         if p < self.p_threshold:
             return (f"worse than the best on {worse} items, better on {better} after {done} "
                     f"items (sign test p={p:.3f})")
+        return None
+
+    def _subset(self, done: int, parts: Sequence[EvalResult]) -> str | None:
+        """Screen on the items so far: stop when the full-set estimate plus `z` standard errors
+        is worse than the best complete trial's value."""
+        best = self.history.best_value
+        found = self.estimate(parts).get(self.objectives[0]) if self.estimate else None
+        if best is None or found is None:
+            return None
+        value, se = found
+        sign = self.signs[0]
+        if sign * value + self.z * se < sign * best:
+            return (f"{self.objectives[0]}={value:.3f} ± {se:.3f} (estimated from {done} items) "
+                    f"is more than {self.z:g} standard errors worse than the best, {best:.3f}")
         return None
 
     def record(self, record: TrialRecord) -> None:

@@ -296,7 +296,8 @@ def setup(cfg: DictConfig) -> Setup:
                           allow_pickle=models["allow_pickle"])
     evaluator = setup_evaluator(node["eval"], engine.processor, device=device)
     directions = [evaluator.directions()[o] for o in objectives]
-    pruning = Pruning(objectives=objectives, directions=directions, **search["pruning"])
+    pruning = Pruning(objectives=objectives, directions=directions, **search["pruning"],
+                      estimate=evaluator.estimate)  # what the subset screen reads
     study, created = create_or_load_study(
         str(cfg.study_name), storage=storage, sampler=search["sampler"], seed=search["seed"],
         directions=directions, pruner=pruning.optuna_pruner())
