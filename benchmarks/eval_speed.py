@@ -192,6 +192,14 @@ def score_full_logits(model: torch.nn.Module, prefix: dict[str, torch.Tensor],
     return [ContinuationScore(float(t), len(c)) for t, c in zip(totals, continuations, strict=True)]
 
 
+@torch.no_grad()
+def bare_forward(model: torch.nn.Module, prefix: dict[str, torch.Tensor]) -> None:
+    """The model's own forward over the prefix with a cache and no logits at all: the floor any
+    scorer pays (vision tower, attention, cache), which grows with the prefix."""
+    model.model.rope_deltas = None
+    model.model(**prefix, use_cache=True)
+
+
 def qwen2b_paths(model: torch.nn.Module,
                  batch_size: int) -> dict[str, Callable[[Items], list[list[ContinuationScore]]]]:
     return {"today": lambda its: [score_full_logits(model, p, c) for p, c in its],
@@ -207,7 +215,9 @@ def memory_child(args: argparse.Namespace) -> None:
     (model and encoded items), in MiB, as one JSON line."""
     model = qwen2b_model(args.layers)
     items = qwen2b_items(args.qwen_items, args.prefix)
-    run = qwen2b_paths(model, args.batch_size)[args.memory_child]
+    paths = {**qwen2b_paths(model, args.batch_size),
+             "forward": lambda its: [bare_forward(model, p) for p, _ in its]}
+    run = paths[args.memory_child]
     base = resident_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM, the peak resident set, to the present one
@@ -261,24 +271,28 @@ def prefix_sweep(args: argparse.Namespace) -> None:
     """Peak memory of one item's forward against the image prefix's length, both paths: what
     grows with prefix × vocabulary (today's logits) and what is left (activations, cache)."""
     print(f"   peak memory of one item against its image prefix ({args.layers} layers, "
-          f"batch size 1), MiB above the loaded model:")
-    print(f"   {'prefix':>8} {'today':>8} {'batched':>8} {'logits today':>13}")
+          f"batch size 1), MiB above the loaded model; 'forward' is the model's own forward "
+          f"with a cache and no logits (vision tower, attention, cache: the floor of any scorer)")
+    print(f"   {'prefix':>8} {'forward':>8} {'today':>8} {'batched':>8} "
+          f"{'today - forward':>16} {'batched - forward':>18}")
     rows = []
     for prefix in args.prefixes:
-        today = peak_memory("today", args, prefix=prefix, batch_size=1)["peak_mib"]
-        batched = peak_memory("batched", args, prefix=prefix, batch_size=1)["peak_mib"]
-        rows.append((prefix, today, batched))
-        print(f"   {prefix:>8} {today:>8.0f} {batched:>8.0f} "
-              f"{(prefix + 30) * VOCAB_2B * 4 / 2**20:>13.0f}")
-    (p0, t0, b0), (p1, t1, b1) = rows[0], rows[-1]
-    print(f"   per 100 more prefix tokens: today +{(t1 - t0) / (p1 - p0) * 100:.1f} MiB, "
-          f"batched +{(b1 - b0) / (p1 - p0) * 100:.1f} MiB "
-          f"(of which the {args.layers} layers' activations and cache, not the vocabulary)")
+        peak = {path: peak_memory(path, args, prefix=prefix, batch_size=1)["peak_mib"]
+                for path in ("forward", "today", "batched")}
+        rows.append((prefix, peak))
+        print(f"   {prefix:>8} {peak['forward']:>8.0f} {peak['today']:>8.0f} "
+              f"{peak['batched']:>8.0f} {peak['today'] - peak['forward']:>16.0f} "
+              f"{peak['batched'] - peak['forward']:>18.0f}")
+    (p0, a), (p1, b) = rows[0], rows[-1]
+    for path in ("today", "batched"):
+        grow = ((b[path] - b["forward"]) - (a[path] - a["forward"])) / (p1 - p0) * 100
+        print(f"   {path}: above the bare forward, {grow:+.1f} MiB per 100 more prefix tokens")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--case", choices=["all", "llava", "qwen2b"], default="all")
+    ap.add_argument("--case", choices=["all", "llava", "qwen2b", "sweep"], default="all",
+                    help="sweep: only the 2B-shaped peak-memory sweep over --prefixes")
     ap.add_argument("--items", type=int, default=10, help="LLaVA-shaped items")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--qwen-items", type=int, default=8, help="Qwen2-VL-2B-shaped items")
@@ -288,7 +302,8 @@ def main() -> None:
     ap.add_argument("--prefixes", type=int, nargs="*", default=[150, 600, 1200],
                     help="image prefixes of the peak-memory sweep (none: no sweep)")
     ap.add_argument("--repeats", type=int, default=2, help="timed rounds (best of)")
-    ap.add_argument("--memory-child", choices=["today", "batched"], help=argparse.SUPPRESS)
+    ap.add_argument("--memory-child", choices=["today", "batched", "forward"],
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_child:
@@ -298,6 +313,8 @@ def main() -> None:
         llava_case(args)
     if args.case in ("all", "qwen2b"):
         qwen2b_case(args)
+    if args.case == "sweep":
+        prefix_sweep(args)
 
 
 if __name__ == "__main__":
