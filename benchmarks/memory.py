@@ -227,17 +227,12 @@ def search_case(folders: dict[str, Path], work: Path, trials: int, items: int) -
 def llava_7b_plan() -> None:
     """The plan for LLaVA-1.5-7B-shaped models with 3 donors on an 80 GB GPU (no weights)."""
     import transformers as tf
+    from merge_speed import llava_7b_config  # beside this script
 
     from vlmexp.layout import discover
     from vlmexp.merge.plan import SLAB_ELEMENTS, plan_memory
 
-    config = tf.LlavaConfig(
-        vision_config=dict(model_type="clip_vision_model", hidden_size=1024,
-                           intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                           image_size=336, patch_size=14, projection_dim=768),
-        text_config=dict(model_type="llama", vocab_size=32064, hidden_size=4096,
-                         intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
-        image_token_index=32000)
+    config = llava_7b_config()
     config.dtype = torch.float16
     with torch.device("meta"):
         model = tf.LlavaForConditionalGeneration(config).to(torch.float16)

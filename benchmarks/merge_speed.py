@@ -63,20 +63,26 @@ def llava_shaped(scale: float, layers: int = 12,
     return tf.LlavaForConditionalGeneration(cfg).eval().to(dtype)
 
 
-def llava_7b(device: str, dtype: torch.dtype) -> torch.nn.Module:
-    """LLaVA-1.5-7B's shapes (CLIP-L/336 vision tower, 32-layer 4096-wide Llama, 7.06B
-    parameters), random, built directly on `device` (a GPU: 14 GB in fp16)."""
+def llava_7b_config():
+    """LLaVA-1.5-7B's config.json shapes: a CLIP-L/336 vision tower and a 32-layer, 4096-wide
+    Llama (7.06B parameters); also benchmarks/memory.py's 7B plan."""
     import transformers as tf
 
-    cfg = tf.LlavaConfig(
+    return tf.LlavaConfig(
         vision_config=dict(model_type="clip_vision_model", hidden_size=1024,
                            intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                            image_size=336, patch_size=14, projection_dim=768),
         text_config=dict(model_type="llama", vocab_size=32064, hidden_size=4096,
                          intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
         image_token_index=32000)
+
+
+def llava_7b(device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """LLaVA-1.5-7B's shapes, random, built directly on `device` (a GPU: 14 GB in fp16)."""
+    import transformers as tf
+
     with torch.device("meta"):
-        model = tf.LlavaForConditionalGeneration(cfg)
+        model = tf.LlavaForConditionalGeneration(llava_7b_config())
     model = model.to_empty(device=device).to(dtype).eval()
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():

@@ -171,26 +171,9 @@ def test_unknown_objective_kind_is_refused(tiny_processor):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, tiny, tiny_processor) -> dict[str, Path]:
-    """A tiny LLaVA base, a perturbed relative and a Llama from the base's language model."""
-    import copy
-
-    from vlmexp.checkpoint import save_model
-    from vlmexp.zoo.tiny import build
-
-    root = tmp_path_factory.mktemp("unsupervised_models")
-    base = tiny("llava")
-    vqa = copy.deepcopy(base)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in vqa.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.5)
-    text = build("llama")
-    text.load_state_dict({k.replace("model.language_model.", "model."): v
-                          for k, v in base.state_dict().items()
-                          if k.startswith("model.language_model.") or k == "lm_head.weight"})
-    return {name: save_model(model, root / name, processor=tiny_processor("llava"))
-            for name, model in (("base", base), ("vqa", vqa), ("text", text))}
+def models(study_models) -> dict[str, Path]:
+    """conftest's tiny LLaVA base, perturbed relative and Llama from its language model."""
+    return study_models
 
 
 @pytest.mark.slow
