@@ -166,11 +166,12 @@ def run_peak(args: list[str], cwd: Path) -> tuple[int, str, float]:
 
 
 def plan_peak(stderr: str) -> int:
-    """The peak the printed memory plan names (GiB with two decimals)."""
-    match = re.search(r"^\s*peak\s+([\d.]+) GiB", stderr, re.M)
+    """The peak the printed memory plan names (two decimals, in its unit)."""
+    match = re.search(r"^\s*peak\s+([\d.]+) (GiB|MiB|KiB|B)", stderr, re.M)
     if not match:
         sys.exit("no memory plan in the output")
-    return int(float(match.group(1)) * GiB)
+    units = {"GiB": GiB, "MiB": 2**20, "KiB": 2**10, "B": 1}
+    return int(float(match.group(1)) * units[match.group(2)])
 
 
 def merge_case(folders: dict[str, Path], work: Path) -> None:

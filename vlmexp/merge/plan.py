@@ -226,7 +226,11 @@ def free_memory(device: str) -> int | None:
 
 
 def _gb(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    """Bytes in the largest binary unit that keeps them at 1 or more (GiB at most)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
