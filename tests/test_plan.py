@@ -90,6 +90,18 @@ def test_a_search_that_cannot_fit_is_refused_before_loading(folders, tmp_path, m
     assert len(err) == 1 and err[0].startswith("vlmexp search: error: memory plan: the merge "
                                                "engine needs")
     assert not (tmp_path / "m.db").exists()
+    assert not (tmp_path / "o.db").exists()  # refused before the storage is opened
+
+
+@pytest.mark.parametrize("override, message", [
+    ("memory_placement=sideways", "memory_placement: 'sideways' is not one of auto, device, host"),
+    ("memory_budget=lots", "memory_budget: 'lots' is not a size"),
+])
+def test_memory_settings_are_checked_when_the_config_is_composed(override, message):
+    from vlmexp.config import compose
+
+    with pytest.raises(ConfigError, match=message):
+        compose([override])
 
 
 def test_a_gpu_plan_moves_task_vectors_then_base_copies_to_the_host(folders):

@@ -168,6 +168,7 @@ def _check_choices(cfg: DictConfig) -> None:
     from vlmexp.eval.evaluator import OBJECTIVE_KINDS
     from vlmexp.layout import VOCAB_POLICIES
     from vlmexp.merge.methods import METHODS
+    from vlmexp.merge.plan import PLACEMENTS, parse_bytes
     from vlmexp.merge.recipe import DTYPES, MAPS
     from vlmexp.search.pruning import PRUNERS
     from vlmexp.search.samplers import SAMPLERS
@@ -179,12 +180,15 @@ def _check_choices(cfg: DictConfig) -> None:
         "merge.method": (cfg.merge.method, tuple(METHODS)),
         "merge.dtype": (cfg.merge.dtype, DTYPES),
         "eval.objective": (cfg.eval.objective, OBJECTIVE_KINDS),
+        "memory_placement": (cfg.memory_placement, PLACEMENTS),
     }
     choices.update({f"models.donors.{name}.map": (d.map, MAPS)
                     for name, d in cfg.models.donors.items()})
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    if cfg.memory_budget is not None:
+        parse_bytes(cfg.memory_budget)  # a ConfigError naming memory_budget
     if not 0 < cfg.search.heartbeat < cfg.search.grace:
         raise ConfigError(f"search.heartbeat: {cfg.search.heartbeat} s must be above 0 and "
                           f"below search.grace ({cfg.search.grace} s)")

@@ -161,7 +161,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    """The memory plan of merging the donors into MODEL, from configs alone."""
+    """The memory plan of merging the donors into MODEL, from configs alone; the library's
+    errors speak of search's config keys, these of inspect's flags."""
+    try:
+        return _plan_of(args)
+    except ConfigError as err:
+        text = str(err)
+        for key, flag in (("memory_budget:", "--memory-budget:"),
+                          ("memory_placement:", "--placement:"),
+                          ("search fewer components (space.pin)",
+                           "plan fewer components (--components)")):
+            text = text.replace(key, flag)
+        raise ConfigError(text) from None
+
+
+def _plan_of(args: argparse.Namespace) -> int:
     from vlmexp.checkpoint import model_skeleton, resolve_device
     from vlmexp.layout import COMPONENTS, align, discover
     from vlmexp.merge.plan import donor_reading_bytes, parse_bytes, plan_memory

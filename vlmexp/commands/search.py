@@ -1,6 +1,6 @@
 """`python -m vlmexp search [key=value ...]`: run (or resume) a merge search study.
 
-Overrides are Hydra's (`search.n_trials=20`, `merge=ties`, `space.knots.language=3`); with no
+Overrides are Hydra's (`search.n_trials=20`, `merge=ties`, `+space.knots.language=3`); with no
 arguments the demo study runs on the demo zoo (built on first use). `--cfg` prints the composed
 configuration and exits.
 """

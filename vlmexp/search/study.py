@@ -139,7 +139,8 @@ def preflight(base: ModelRef, donors: Sequence[ModelRef], *, vocab: str,
 def setup_engine(base: ModelRef, donors: Sequence[ModelRef], *, device: str, vocab: str,
                  dtype: str = "float32", components: Collection[str] | None = None,
                  vectors_on: str = "device", pristine_on: str = "device",
-                 trust_remote_code: bool = False, allow_pickle: bool = False) -> MergeEngine:
+                 progress: bool = True, trust_remote_code: bool = False,
+                 allow_pickle: bool = False) -> MergeEngine:
     """The live base model with each donor's task vector (`merge.vocab`: the vocabulary policy;
     `merge.dtype`: the recipes' math dtype; task vectors are stored in the model's own dtype,
     as `MergeEngine.from_recipe` stores them, so that `reproduce` rebuilds the same weights;
@@ -151,11 +152,12 @@ def setup_engine(base: ModelRef, donors: Sequence[ModelRef], *, device: str, voc
 
     opts = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
     engine = MergeEngine(open_model(base.path, revision=base.revision, **opts), device=device,
-                         vocab=vocab, progress=True, components=components,
+                         vocab=vocab, progress=progress, components=components,
                          math_dtype=math_dtype_of(dtype), vectors_on=vectors_on,
                          pristine_on=pristine_on)
     for d in donors:
-        engine.add_donor(d.name, d.path, revision=d.revision, map=d.map, **opts)
+        engine.add_donor(d.name, d.path, revision=d.revision, map=d.map, progress=progress,
+                         **opts)
     if engine.processor is None:
         raise ConfigError(f"models.base: {base.path} has no processor/tokenizer files")
     return engine
@@ -263,12 +265,17 @@ def _shown(storage: str | optuna.storages.BaseStorage | None) -> str:
     return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", storage)
 
 
-def setup(cfg: DictConfig) -> Setup:
-    """Load everything a study needs, once; each config group goes to the code it configures."""
+def setup(cfg: DictConfig, *, progress: bool = True) -> Setup:
+    """Load everything a study needs, once; each config group goes to the code it configures
+    (`progress`: progress bars while models load)."""
     import torch
 
     from vlmexp.checkpoint import resolve_device
 
+    if not progress:  # transformers' own "Loading weights" bars too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     node = OmegaConf.to_container(cfg, resolve=True)
@@ -282,17 +289,17 @@ def setup(cfg: DictConfig) -> Setup:
                                      trust_remote_code=models["trust_remote_code"],
                                      allow_pickle=models["allow_pickle"])
     space = SearchSpace(node["space"], node["merge"], base, donors, layout=layout, reach=reach)
-    storage = open_storage(search["storage"])  # an unreachable storage: one line, at once
     budget = node["memory_budget"]
     plan = plan_memory(layout, reach, space.changed_components(), device=device,
                        donor_bytes=sizes, free_bytes=None if budget is None else parse_bytes(budget),
                        placement=node["memory_placement"])
-    plan.check()
+    plan.check()  # before the storage is opened: a refused study writes nothing
+    storage = open_storage(search["storage"])  # an unreachable storage: one line, at once
     print(plan.describe(), file=sys.stderr)
     engine = setup_engine(base, donors, device=device, vocab=node["merge"]["vocab"],
                           dtype=node["merge"]["dtype"], components=space.changed_components(),
                           vectors_on=plan.vectors_on, pristine_on=plan.pristine_on,
-                          trust_remote_code=models["trust_remote_code"],
+                          progress=progress, trust_remote_code=models["trust_remote_code"],
                           allow_pickle=models["allow_pickle"])
     evaluator = setup_evaluator(node["eval"], engine.processor, device=device)
     directions = [evaluator.directions()[o] for o in objectives]
@@ -451,7 +458,7 @@ def run_search(cfg: DictConfig, *, progress: bool = True) -> SearchResult:
     """Run (or resume) the study `cfg` describes, until `search.n_trials` trials are evaluated
     (complete or pruned) in all, by this worker and any other on the same study."""
     t0 = time.perf_counter()
-    s = setup(cfg)
+    s = setup(cfg, progress=progress)
     search = cfg.search
     print(f"worker {s.worker.id} (sampler seed {s.worker.seed}) on study {cfg.study_name!r}"
           + (" (created)" if s.created else ""), file=sys.stderr)
