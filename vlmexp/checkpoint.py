@@ -227,7 +227,7 @@ def open_model(
     """
     source = resolve_model(path_or_id, revision, allow_pickle=allow_pickle)
     folder = source.folder
-    weights = _check_weights(folder, allow_pickle=allow_pickle)
+    weights = check_weights(folder, allow_pickle=allow_pickle)
     config = _load_config(folder, trust_remote_code=trust_remote_code)
     auto_class = _auto_class(config, folder / "config.json", trust_remote_code=trust_remote_code)
     try:
@@ -509,7 +509,7 @@ def _offline() -> bool:
     return constants.HF_HUB_OFFLINE or any(f.upper() in _OFFLINE_VALUES for f in flags)
 
 
-def _check_weights(folder: Path, *, allow_pickle: bool) -> Path:
+def check_weights(folder: Path, *, allow_pickle: bool) -> Path:
     """Check the folder's weight files; return the one transformers will read (file or index)."""
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: not a model folder (no config.json)")
@@ -549,7 +549,7 @@ def stored_tensor_names(
     (`model.language_model.layers.0…`); tools that read the files, not transformers, see these.
     """
     folder = resolve_model(path, revision, allow_pickle=allow_pickle).folder
-    weights = _check_weights(folder, allow_pickle=allow_pickle)
+    weights = check_weights(folder, allow_pickle=allow_pickle)
     if weights.name.endswith(".index.json"):
         return set(json.loads(weights.read_text())["weight_map"])
     if weights.name.endswith(".safetensors"):

@@ -33,7 +33,7 @@ from vlmexp.checkpoint import (
     SAFE_INDEX,
     SAFE_WEIGHTS,
     ResolvedModel,
-    _check_weights,
+    check_weights,
     model_skeleton,
     resolve_model,
 )
@@ -175,7 +175,7 @@ def open_streamed(path_or_id: str | os.PathLike | ResolvedModel, revision: str |
     """
     source = path_or_id if isinstance(path_or_id, ResolvedModel) else resolve_model(
         path_or_id, revision, allow_pickle=allow_pickle)
-    weights = _check_weights(source.folder, allow_pickle=allow_pickle)
+    weights = check_weights(source.folder, allow_pickle=allow_pickle)
     if not weights.name.startswith(SAFE_WEIGHTS):
         return None, f"{weights.name} is not safetensors"
     skeleton = model_skeleton(source, trust_remote_code=trust_remote_code)

@@ -200,6 +200,7 @@ class MergeEngine:
             if where not in ("device", "host"):
                 raise MergeError(f"{key}: {where!r}; choose device or host")
         self._vector_home = self.device if vectors_on == "device" else "cpu"
+        self._fetches = "host" in (vectors_on, pristine_on)  # inputs copied in per tensor
         self._pinned = self.device.startswith("cuda")  # host tensors pinned for async copies
         # pristine copies of what a recipe may change; every other tensor stays the base's
         self._base: dict[str, torch.Tensor] = {
@@ -463,9 +464,11 @@ class MergeEngine:
         if self._queue is not None and len(self._queue) > queued:
             self._queued.append(name)
             # host inputs copied for the queue stay on the device until it runs: bound them
-            self._fetched_bytes += sum(
-                t.nbytes for t in (self._base[name], *(self.task_vectors[d][name] for d in donors))
-                if t.device != self.model_device)
+            if self._fetches:
+                self._fetched_bytes += sum(
+                    t.nbytes for t in (self._base[name],
+                                       *(self.task_vectors[d][name] for d in donors))
+                    if t.device != self.model_device)
             if (self._queue.mask_bytes >= _QUEUED_MASK_BYTES
                     or self._fetched_bytes >= _QUEUED_MASK_BYTES):
                 self._run_queued()
