@@ -652,9 +652,6 @@ class ForeachQueue:
                            tuple(float(c) for c in coefs)))
         return len(self) - 1
 
-    def sign_merge(self, *args, **kwargs) -> int:  # pragma: no cover - never offered
-        raise NotImplementedError("sign merges take the torch path on this queue")
-
     def run(self) -> list[int]:
         """Compute every queued sum; per job, how many written values are NaN or inf."""
         groups: dict[tuple, list[tuple]] = {}
